@@ -1,0 +1,254 @@
+"""Plan -> Python source: SymPy printers, the Jinja templates, atomic writes and the on-the-fly loader."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import jinja2
+import sympy as sp
+from sympy.printing.str import StrPrinter
+
+from . import __version__
+from .functions import REGISTRY
+from .plan import Elementwise, Plan
+from .planner import plan as make_plan
+from .spec import Spec, load_spec
+
+
+class _Printer(StrPrinter):
+    """Shared rules: numbers as float literals, powers expanded or lowered; functions from the registry."""
+
+    backend = ""  # "triton" | "torch"
+
+    def _lower(self, name: str, args: list[str]) -> str:
+        template = getattr(REGISTRY[name], self.backend)
+        return template.format(*args)
+
+    def _print_Integer(self, expr: sp.Integer) -> str:
+        return f"{float(expr)!r}"
+
+    def _print_Rational(self, expr: sp.Rational) -> str:
+        return f"({float(expr.p)!r} / {float(expr.q)!r})"
+
+    def _print_Float(self, expr: sp.Float) -> str:
+        return repr(float(expr))
+
+    def _print_Exp1(self, expr: sp.Expr) -> str:
+        return repr(float(sp.E))
+
+    def _print_Pi(self, expr: sp.Expr) -> str:
+        return repr(float(sp.pi))
+
+    def _print_Function(self, expr: sp.Function) -> str:
+        name = {"Abs": "abs", "Min": "min", "Max": "max"}.get(expr.func.__name__, expr.func.__name__)
+        if name not in REGISTRY:
+            raise ValueError(f"no {self.backend} lowering for {expr.func.__name__}")
+        args = [self._print(a) for a in expr.args]
+        if name in ("min", "max"):  # fold n-ary min/max into nested binary calls
+            out = args[0]
+            for a in args[1:]:
+                out = self._lower(name, [out, a])
+            return out
+        return self._lower(name, args)
+
+    _print_exp = _print_log = _print_tanh = _print_Abs = _print_Min = _print_Max = _print_Function
+
+    def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
+        base, e = expr.args
+        b = self.parenthesize(base, 100)  # atoms stay bare, everything else gets parentheses
+        if e == sp.Rational(1, 2):
+            return self._lower("sqrt", [self._print(base)])
+        if e == -sp.Rational(1, 2):
+            return f"(1.0 / {self._lower('sqrt', [self._print(base)])})"
+        if e.is_Integer and 0 < abs(int(e)) <= 4:
+            prod = " * ".join([b] * abs(int(e)))
+            return f"({prod})" if int(e) > 0 else f"(1.0 / ({prod}))"
+        return self._general_pow(self._print(base), self._print(e))
+
+    def _print_Heaviside(self, expr: sp.Expr) -> str:
+        return self._step(self._print(expr.args[0]))
+
+    def _print_sign(self, expr: sp.Expr) -> str:
+        return self._sign(self._print(expr.args[0]))
+
+
+class TritonPrinter(_Printer):
+    """SymPy -> Triton (tl.*) for use inside @triton.jit functions on fp32 tiles."""
+
+    backend = "triton"
+
+    def _general_pow(self, base: str, e: str) -> str:
+        return f"tl.exp(({e}) * tl.log({base}))"
+
+    def _step(self, x: str) -> str:
+        return f"tl.where({x} > 0, 1.0, 0.0)"
+
+    def _sign(self, x: str) -> str:
+        return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, -1.0, 0.0))"
+
+
+class TorchPrinter(_Printer):
+    """SymPy -> torch, for the reference form."""
+
+    backend = "torch"
+
+    def _print_Function(self, expr: sp.Function) -> str:
+        name = {"Min": "min", "Max": "max"}.get(expr.func.__name__)
+        if name is not None:  # torch.minimum needs tensors: wrap numbers
+            args = [a if not a.is_number else sp.Symbol(f"torch.tensor({float(a)!r})") for a in expr.args]
+            expr = expr.func(*args, evaluate=False)
+        return super()._print_Function(expr)
+
+    _print_exp = _print_log = _print_tanh = _print_Abs = _print_Min = _print_Max = _print_Function
+
+    def _general_pow(self, base: str, e: str) -> str:
+        return f"torch.pow({base}, {e})"
+
+    def _step(self, x: str) -> str:
+        return f"({x} > 0).to(torch.float32)"
+
+    def _sign(self, x: str) -> str:
+        return f"torch.sign({x})"
+
+
+class PythonPrinter(_Printer):
+    """SymPy -> plain Python (math.*) for host-side scalars such as scale(d)."""
+
+    backend = "torch"
+
+    def _print_Function(self, expr: sp.Function) -> str:
+        name = expr.func.__name__
+        args = [self._print(a) for a in expr.args]
+        table = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "tanh": "math.tanh", "Abs": "abs"}
+        if name in table:
+            return f"{table[name]}({', '.join(args)})"
+        if name in ("Min", "Max"):
+            return f"{name.lower()}({', '.join(args)})"
+        raise ValueError(f"scale may use only exp, log, sqrt, tanh, abs, pow, min, max; got {name}")
+
+    _print_exp = _print_log = _print_tanh = _print_Abs = _print_Min = _print_Max = _print_Function
+
+    def _general_pow(self, base: str, e: str) -> str:
+        return f"({base}) ** ({e})"
+
+
+def render_elementwise(ew: Elementwise, printer: _Printer) -> list[str]:
+    """Lines of a function body: one assignment per CSE temporary, then the return."""
+    lines = [f"{sym} = {printer.doprint(expr)}" for sym, expr in ew.steps]
+    lines.append(f"return {printer.doprint(ew.result)}")
+    return lines
+
+
+# ---------------------------------------------------------------------------- templates
+
+
+def templates_dir() -> Path:
+    """The templates: beside the package in a checkout, or installed inside it."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "templates", here / "templates"):
+        if (candidate / "module.py.j2").is_file():
+            return candidate
+    raise FileNotFoundError(f"lion-gen templates not found beside {here}")
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["pyrepr"] = repr
+    return env
+
+
+def render(p: Plan) -> str:
+    """Render the module for a plan."""
+    tp, th = TritonPrinter(), TorchPrinter()
+    ctx = {
+        "plan": p,
+        "version": __version__,
+        "spec_json": json.dumps(p.spec, indent=2, sort_keys=False),
+        "feature_tl": render_elementwise(p.feature, tp),
+        "feature_grad_tl": render_elementwise(p.feature_grad, tp),
+        "feature_torch": render_elementwise(p.feature, th),
+        "l2_adjoint_tl": tp.doprint(p.l2_adjoint),
+        "log_decay_tl": render_elementwise(p.log_decay, tp) if p.log_decay else None,
+        "log_decay_grad_tl": render_elementwise(p.log_decay_grad, tp) if p.log_decay_grad else None,
+        "log_decay_torch": render_elementwise(p.log_decay, th) if p.log_decay else None,
+        "scale_py": PythonPrinter().doprint(p.scale),
+        "stages": [(n, p.stages.nodes[n]["kernel"], p.stages.nodes[n]["doc"]) for n in _topo(p)],
+    }
+    return _environment().get_template("module.py.j2").render(**ctx)
+
+
+def _topo(p: Plan) -> list[str]:
+    import networkx as nx
+
+    return list(nx.lexicographical_topological_sort(p.stages))
+
+
+def generate_source(spec: Spec | str | os.PathLike[str]) -> str:
+    """The generated module's source for a spec (a Spec or a path to one)."""
+    if not isinstance(spec, Spec):
+        spec = load_spec(spec)
+    return render(make_plan(spec))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("LION_GEN_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lion_gen"
+
+
+def spec_hash(source: str) -> str:
+    return hashlib.sha256(f"{__version__}\n{source}".encode()).hexdigest()[:16]
+
+
+def load(spec_path: str | os.PathLike[str]) -> ModuleType:
+    """Generate the module for ``spec_path`` into the cache (keyed by a hash) and import it."""
+    spec = load_spec(spec_path)
+    source = generate_source(spec)
+    key = hashlib.sha256((__version__ + json.dumps(spec.to_dict(), sort_keys=True) + source).encode()).hexdigest()[:16]
+    path = cache_dir() / key / f"{spec.name}.py"
+    if not path.is_file() or path.read_text(encoding="utf-8") != source:
+        write_atomic(path, source)
+    mod_name = f"lion_gen_cache_{key}_{spec.name}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    module_spec = importlib.util.spec_from_file_location(mod_name, path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[mod_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[mod_name]
+        raise
+    return module

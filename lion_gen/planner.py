@@ -1,0 +1,384 @@
+"""Spec -> Plan: derivatives, static proofs, specialization and the kernel-stage DAG (SymPy, networkx)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import networkx as nx
+import sympy as sp
+
+from .functions import RANGES, Interval, increasing, sigmoid, softplus
+from .plan import Elementwise, Plan
+from .spec import Spec, SpecError
+
+X = sp.Symbol("x", real=True)
+Z = sp.Symbol("z", real=True)
+D = sp.Symbol("d", real=True)
+DEFAULT_CHUNK = 64
+
+
+class UnprovenWarning(UserWarning):
+    """A fact the planner could not prove, accepted because the spec says allow_unproven."""
+
+
+# ---------------------------------------------------------------------------- interval analysis
+
+
+def _add(a: Interval, b: Interval) -> Interval:
+    return Interval(a.lo + b.lo, a.hi + b.hi, a.lo_open or b.lo_open, a.hi_open or b.hi_open)
+
+
+def _mul(a: Interval, b: Interval) -> Interval:
+    corners = []
+    for av, ao in ((a.lo, a.lo_open), (a.hi, a.hi_open)):
+        for bv, bo in ((b.lo, b.lo_open), (b.hi, b.hi_open)):
+            v = av * bv
+            if math.isnan(v):  # 0 * inf: no bound we can trust
+                return Interval.real()
+            attained = (av == 0 and not ao) or (bv == 0 and not bo)
+            corners.append((v, (ao or bo) and not attained))
+    lo = min(v for v, _ in corners)
+    hi = max(v for v, _ in corners)
+    return Interval(lo, hi, all(o for v, o in corners if v == lo), all(o for v, o in corners if v == hi))
+
+
+def _recip(a: Interval) -> Interval:
+    if a.is_positive() or a.hi < 0 or (a.hi == 0 and a.hi_open):
+        lo = 1 / a.hi if a.hi != 0 else -math.inf
+        hi = 1 / a.lo if a.lo != 0 else math.inf
+        return Interval(lo, hi, a.hi_open or math.isinf(lo), a.lo_open or math.isinf(hi))
+    return Interval.real()  # contains 0: unbounded
+
+
+def _pow(base: Interval, e: sp.Expr) -> Interval:
+    if e.is_Integer:
+        n = int(e)
+        if n == 0:
+            return Interval.point(1.0)
+        mag = abs(n)
+        if mag % 2 == 0:
+            inner = _abs_iv(base)
+        else:
+            inner = base
+        r = increasing(lambda v: math.copysign(abs(v) ** mag, v) if not math.isinf(v) else v)(inner)
+        return r if n > 0 else _recip(r)
+    if base.lo >= 0 and e.is_number:
+        ev = float(e)
+        nonneg = Interval(base.lo, base.hi, base.lo_open, base.hi_open)
+        r = increasing(lambda v: v**ev if v != math.inf else math.inf)(nonneg)
+        if ev > 0:
+            return r
+        return _recip(r)
+    return Interval.real()
+
+
+def _abs_iv(a: Interval) -> Interval:
+    return RANGES[sp.Abs](a)
+
+
+def interval_of(expr: sp.Expr, domain: dict[sp.Symbol, Interval]) -> Interval:
+    """A range for ``expr`` over ``domain`` (sound: the true range lies inside)."""
+    if expr.is_Number or expr in (sp.pi, sp.E):
+        v = float(expr)
+        return Interval.point(v)
+    if expr.is_Symbol:
+        return domain.get(expr, Interval.real())
+    args = [interval_of(a, domain) for a in expr.args]
+    if expr.is_Add:
+        out = args[0]
+        for a in args[1:]:
+            out = _add(out, a)
+        return out
+    if expr.is_Mul:
+        out = args[0]
+        for a in args[1:]:
+            out = _mul(out, a)
+        return out
+    if expr.is_Pow:
+        return _pow(args[0], expr.args[1])
+    if isinstance(expr, (sp.Min, sp.Max)):
+        pick: Callable[..., float] = min if isinstance(expr, sp.Min) else max
+        lo = pick(a.lo for a in args)
+        hi = pick(a.hi for a in args)
+        return Interval(lo, hi, False, False)
+    if isinstance(expr, sp.Heaviside):
+        return Interval(0.0, 1.0)
+    fn = RANGES.get(expr.func)
+    if fn is not None:
+        return fn(args[0])
+    return Interval.real()
+
+
+def prove(expr: sp.Expr, symbol: sp.Symbol, domain: Interval, want: str) -> tuple[bool, str]:
+    """Try to prove ``expr > 0`` (want='positive') or ``expr <= 0`` ('nonpositive') on ``domain``.
+
+    SymPy's assumptions decide first; then the registry's range facts, propagated as intervals.
+    Returns (proved, how or why not).
+    """
+    decided = expr.is_positive if want == "positive" else expr.is_nonpositive
+    if decided:
+        return True, "by SymPy's assumptions"
+    iv = interval_of(expr, {symbol: domain})
+    ok = iv.is_positive() if want == "positive" else iv.is_nonpositive()
+    return ok, f"its range over {symbol} in {domain} is within {iv}"
+
+
+# ---------------------------------------------------------------------------- derivations
+
+
+def stabilize(expr: sp.Expr) -> sp.Expr:
+    """Rewrite forms that lose precision or overflow in fp32 into equal, stable ones.
+
+    log(sigmoid(u)) -> -softplus(-u) and log(1 - sigmoid(u)) -> -softplus(u): the left sides give
+    log(0) = -inf once sigmoid rounds to 0 or 1 (u beyond about +-88, or +-17 for 1 - sigmoid),
+    and -inf log-gates turn mask differences into NaN (lion_math.md section 6, pitfall 2).
+    """
+    u = sp.Wild("u")
+
+    def rule(e: sp.Expr) -> sp.Expr:
+        if isinstance(e, sp.log):
+            arg = e.args[0]
+            if isinstance(arg, sigmoid):
+                return -softplus(-arg.args[0])
+            m = (arg - 1).match(-sigmoid(u))
+            if m is not None and u in m:
+                return -softplus(m[u])
+        return e
+
+    return expr.replace(lambda e: isinstance(e, sp.log), rule)
+
+
+def elementwise(expr: sp.Expr, symbol: sp.Symbol, prefix: str) -> Elementwise:
+    """CSE an elementwise expression into named temporaries (deterministic names)."""
+    names = sp.numbered_symbols(prefix, real=True)
+    steps, (result,) = sp.cse(expr, symbols=names, optimizations="basic")
+    return Elementwise(symbol, expr, tuple(steps), result)
+
+
+def derive_l2_adjoint() -> sp.Expr:
+    """The adjoint of phi = r / ||r||, derived by differentiation and verified symbolically.
+
+    For a loss with gradient g wrt phi: dL/dr = (g - phi (phi . g)) / ||r||. Returned in the
+    symbols g, phi, dot (= phi . g) and norm (= ||r||), which the kernel has at hand.
+    """
+    r = sp.symbols("r1:4", real=True)
+    g = sp.symbols("g1:4", real=True)
+    norm = sp.sqrt(sum(ri**2 for ri in r))
+    loss = sum(gi * ri / norm for gi, ri in zip(g, r, strict=True))
+    derived = sp.diff(loss, r[0])
+    gs, phis, dots, norms = sp.symbols("g phi dot norm", real=True)
+    adjoint = (gs - phis * dots) / norms
+    claim = adjoint.subs(
+        {gs: g[0], phis: r[0] / norm, dots: sum(gi * ri / norm for gi, ri in zip(g, r, strict=True)), norms: norm}
+    )
+    if sp.simplify(derived - claim) != 0:  # pragma: no cover - a SymPy regression would land here
+        raise AssertionError("l2 adjoint derivation does not match the kernel's form")
+    return adjoint
+
+
+# ---------------------------------------------------------------------------- stage graph
+
+# (stage, kernel, what it computes, condition on the plan's switches)
+STAGES: tuple[tuple[str, str, str, Callable[[dict[str, bool]], bool]], ...] = (
+    ("log_gates", "forward", "l_t = log_decay(gate)", lambda s: s["gated"]),
+    ("potentials", "forward", "chunk-local fp32 prefix sums of l (F, G)", lambda s: s["gated"]),
+    ("features", "forward", "Q = scale phi(q), K = phi(k)", lambda s: True),
+    ("global_state", "forward", "S = sum_j K_j v'_j^T over the whole sequence", lambda s: s["global"]),
+    ("intra", "forward", "masked C x C attention inside each chunk", lambda s: not s["global"]),
+    ("forward_scan", "forward", "state carried left to right", lambda s: not s["global"]),
+    ("backward_scan", "forward", "state carried right to left", lambda s: not s["global"] and s["bidir"]),
+    ("denominator", "forward", "n_i = sum_j A_ij", lambda s: s["normalize"]),
+    ("output", "forward", "y_i", lambda s: True),
+    ("output_adjoint", "backward", "dO' = [dY/(n+eps), -(dY.Y)/(n+eps)]", lambda s: s["normalize"]),
+    ("grad_global_state", "backward", "global K^T V' and Q^T dO' states", lambda s: s["global"]),
+    ("grad_intra", "backward", "intra-chunk dq, dk, dv and W = dS o S o M", lambda s: not s["global"]),
+    (
+        "grad_forward_scan",
+        "backward",
+        "dq from the forward state; dk, dv of the upper triangle",
+        lambda s: not s["global"],
+    ),
+    (
+        "grad_backward_scan",
+        "backward",
+        "dk, dv of the lower triangle; dq from the backward state",
+        lambda s: not s["global"],
+    ),
+    ("gate_grad", "backward", "dF, dG -> suffix sums -> dl -> dgate", lambda s: s["gated"]),
+    ("input_grads", "backward", "dq, dk through phi'; dv", lambda s: True),
+)
+EDGES: tuple[tuple[str, str], ...] = (
+    ("log_gates", "potentials"),
+    ("potentials", "intra"),
+    ("potentials", "forward_scan"),
+    ("potentials", "backward_scan"),
+    ("features", "global_state"),
+    ("features", "intra"),
+    ("features", "forward_scan"),
+    ("features", "backward_scan"),
+    ("global_state", "output"),
+    ("global_state", "denominator"),
+    ("intra", "denominator"),
+    ("forward_scan", "denominator"),
+    ("backward_scan", "denominator"),
+    ("intra", "output"),
+    ("forward_scan", "output"),
+    ("backward_scan", "output"),
+    ("denominator", "output"),
+    ("output", "output_adjoint"),
+    ("denominator", "output_adjoint"),
+    ("output_adjoint", "grad_global_state"),
+    ("output_adjoint", "grad_intra"),
+    ("output_adjoint", "grad_forward_scan"),
+    ("output_adjoint", "grad_backward_scan"),
+    ("output", "grad_global_state"),
+    ("output", "grad_intra"),
+    ("potentials", "grad_intra"),
+    ("potentials", "grad_forward_scan"),
+    ("potentials", "grad_backward_scan"),
+    ("grad_global_state", "input_grads"),
+    ("grad_intra", "input_grads"),
+    ("grad_forward_scan", "input_grads"),
+    ("grad_backward_scan", "input_grads"),
+    ("grad_intra", "gate_grad"),
+    ("grad_forward_scan", "gate_grad"),
+    ("grad_backward_scan", "gate_grad"),
+)
+SINKS = ("input_grads", "gate_grad")
+
+
+def stage_graph(switches: dict[str, bool]) -> nx.DiGraph:
+    """The kernel-stage DAG for these switches: specialized, then pruned to what reaches a sink."""
+    g = nx.DiGraph()
+    for name, kernel, doc, cond in STAGES:
+        if cond(switches):
+            g.add_node(name, kernel=kernel, doc=doc)
+    g.add_edges_from((a, b) for a, b in EDGES if a in g and b in g)
+    live = {s for s in SINKS if s in g}
+    for s in list(live):
+        live |= nx.ancestors(g, s)
+    g.remove_nodes_from([n for n in list(g) if n not in live])
+    if not nx.is_directed_acyclic_graph(g):  # pragma: no cover - EDGES is a constant
+        raise AssertionError("stage graph has a cycle")
+    return g
+
+
+# ---------------------------------------------------------------------------- the planner
+
+
+def _camel(name: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in name.split("_") if part) or name
+
+
+def _check(spec: Spec, field: str, ok: bool, what: str, how: str, facts: list[str], warns: list[str]) -> None:
+    if ok:
+        facts.append(f"{what}: proved ({how})")
+        return
+    if not spec.allow_unproven:
+        raise SpecError(
+            spec.source, field, f"cannot prove {what}: {how} (set allow_unproven: true to accept it with a warning)"
+        )
+    msg = f"{spec.source}: {field}: accepted without proof: {what} ({how})"
+    warns.append(msg)
+    facts.append(f"{what}: NOT proved, accepted by allow_unproven ({how})")
+    warnings.warn(msg, UnprovenWarning, stacklevel=3)
+
+
+def plan(spec: Spec) -> Plan:
+    """Derive everything the templates need from a validated Spec. Raises SpecError on a failed proof."""
+    facts: list[str] = []
+    warns: list[str] = []
+    phi = spec.feature_map.expr
+    if spec.normalize_rows:
+        ok, how = prove(phi, X, Interval.real(), "positive")
+        _check(spec, "feature_map.expr", ok, f"phi(x) = {phi} > 0 (normalize_rows: true)", how, facts, warns)
+        ok, how = prove(spec.scale, D, Interval(1.0, math.inf, False, True), "positive")
+        _check(spec, "scale", ok, f"scale = {spec.scale} > 0 for d >= 1 (normalize_rows: true)", how, facts, warns)
+
+    log_decay = log_decay_grad = None
+    if spec.mask.log_decay is not None:
+        ld = spec.mask.log_decay
+        ok, how = prove(ld, Z, Interval.real(), "nonpositive")
+        _check(spec, "mask.log_decay", ok, f"log_decay(z) = {ld} <= 0", how, facts, warns)
+        stable = stabilize(ld)
+        if sp.simplify((stable - ld).rewrite(sp.exp)) != 0:  # pragma: no cover - guards the rules above
+            raise AssertionError(f"stabilize changed the value of {ld}")
+        log_decay = elementwise(stable, Z, "t")
+        log_decay_grad = elementwise(sp.diff(stable, Z), Z, "t")
+
+    if spec.direction == "causal":
+        f_shift, g_shift = 1, 1  # M_ij = exp(c_i - c_j), c = inclusive prefix sum
+    elif spec.mask.alignment == "symmetric":
+        f_shift, g_shift = 1, 1  # M_ij = exp(-|c_i - c_j|)
+    else:
+        f_shift, g_shift = 0, 1  # the reference code's mask (lion alignment; decay masks are symmetric anyway)
+
+    switches = {
+        "gated": spec.mask.family != "none",
+        "global": spec.mask.family == "none" and spec.direction == "bidirectional",
+        "bidir": spec.direction == "bidirectional",
+        "normalize": spec.normalize_rows,
+    }
+    l2 = spec.feature_map.normalize == "l2"
+    return Plan(
+        name=spec.name,
+        class_name=_camel(spec.name),
+        spec=spec.to_dict(),
+        direction=spec.direction,
+        family=spec.mask.family,
+        alignment=spec.mask.alignment,
+        f_shift=f_shift,
+        g_shift=g_shift,
+        normalize_rows=spec.normalize_rows,
+        l2=l2,
+        eps=spec.eps,
+        default_chunk=spec.chunk_size or DEFAULT_CHUNK,
+        scale=spec.scale,
+        feature=elementwise(stabilize(phi), X, "u"),
+        feature_grad=elementwise(sp.diff(stabilize(phi), X), X, "u"),
+        l2_adjoint=derive_l2_adjoint(),
+        log_decay=log_decay,
+        log_decay_grad=log_decay_grad,
+        stages=stage_graph(switches),
+        equations=equations(spec, f_shift, g_shift),
+        facts=tuple(facts),
+        warnings=tuple(warns),
+    )
+
+
+def equations(spec: Spec, f_shift: int, g_shift: int) -> tuple[str, ...]:
+    """The math the generated kernels implement, as text (for explain and the file header)."""
+    norm = " / ||f(x)||_2 (over the head dim)" if spec.feature_map.normalize == "l2" else ""
+    eq = [
+        f"phi(x) = f(x){norm},  f(x) = {spec.feature_map.expr}",
+        f"Q_i = scale * phi(q_i),  K_j = phi(k_j),  scale = {spec.scale}",
+    ]
+    fam = spec.mask.family
+    if fam == "selective":
+        eq.append(f"l_t = {spec.mask.log_decay.subs(Z, sp.Symbol('gate[b,t,h]'))}  (<= 0)")
+    elif fam == "decay":
+        eq.append(f"l_t = {spec.mask.log_decay.subs(Z, sp.Symbol('gate[h]'))}  (<= 0, every t)")
+    if fam != "none":
+        eq.append("P_m = sum_{s<m} l_s (exclusive prefix sum, fp32, chunk-local in the kernels)")
+        eq.append(f"F_m = P_(m+{f_shift}),  G_m = P_(m+{g_shift})")
+        if spec.direction == "causal":
+            eq.append("M_ij = exp(F_i - F_j) for i >= j, 0 for i < j")
+        else:
+            eq.append("M_ij = exp(F_i - F_j) (i > j),  1 (i = j),  exp(G_j - G_i) (i < j)")
+    else:
+        eq.append("M_ij = 1" + (" for i >= j, 0 for i < j" if spec.direction == "causal" else ""))
+    eq.append("A_ij = M_ij (Q_i . K_j)")
+    if spec.normalize_rows:
+        eq.append(f"y_i = sum_j A_ij v_j / (sum_j A_ij + {spec.eps})")
+    else:
+        eq.append("y_i = sum_j A_ij v_j")
+    if fam != "none":
+        eq.append("W_ij = (dO'_i . v'_j) A_ij,  dF_m = sum_{j<m} W_mj - sum_{i>m} W_im")
+        dl = f"dl_s = sum_(m+{f_shift}>s) dF_m"
+        if spec.direction == "bidirectional":
+            eq.append("dG_m = sum_{i<m} W_im - sum_{j>m} W_mj")
+            dl += f" + sum_(m+{g_shift}>s) dG_m"
+        eq.append(f"{dl},  dgate = dl * d log_decay/dz")
+    return tuple(eq)

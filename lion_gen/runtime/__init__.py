@@ -1,0 +1,21 @@
+"""What generated modules import at run time: input checks, launch helpers, the reference form."""
+
+from .checks import (
+    FORMS,
+    check_chunk_size,
+    check_inputs,
+    check_scale,
+    kernel_settings,
+    resolve_form,
+)
+from .reference import lion_reference
+
+__all__ = [
+    "FORMS",
+    "check_chunk_size",
+    "check_inputs",
+    "check_scale",
+    "kernel_settings",
+    "lion_reference",
+    "resolve_form",
+]

@@ -1,0 +1,126 @@
+"""Runtime input validation: every refusal names the argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+FORMS = ("auto", "chunk", "parallel", "recurrent", "reference")
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_CHUNK, MAX_CHUNK = 16, 256
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    length: int
+    heads: int
+    dk: int
+    dv: int
+
+
+def _check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+    return t
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, family: str) -> Shape:
+    """Validate shapes, dtypes, devices and the gate's presence for a mask family."""
+    _check_tensor("q", q, 4, "(B, L, H, Dk)")
+    _check_tensor("k", k, 4, "(B, L, H, Dk)")
+    _check_tensor("v", v, 4, "(B, L, H, Dv)")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)} (B, L, H, Dk), got {tuple(k.shape)}")
+    b, length, h, dk = q.shape
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must have shape (B, L, H, Dv) = ({b}, {length}, {h}, Dv), got {tuple(v.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    if min(b, length, h, dk, v.shape[3]) == 0:
+        raise ValueError(f"q, k, v must be non-empty, got q {tuple(q.shape)} and v {tuple(v.shape)}")
+    if family == "none":
+        if gate is not None:
+            raise ValueError("gate must be None for a spec with mask family 'none'")
+    else:
+        want = (h,) if family == "decay" else (b, length, h)
+        layout = "(H,)" if family == "decay" else "(B, L, H)"
+        if gate is None:
+            raise ValueError(f"gate is required for mask family {family!r}: shape {layout} = {want}")
+        _check_tensor("gate", gate, len(want), f"{layout} = {want}")
+        if tuple(gate.shape) != want:
+            raise ValueError(f"gate must have shape {layout} = {want}, got {tuple(gate.shape)}")
+        if gate.device != q.device:
+            raise ValueError(f"gate must be on the device of q ({q.device}), got {gate.device}")
+    return Shape(b, length, h, dk, v.shape[3])
+
+
+def resolve_form(form: object) -> str:
+    """The algorithm to run for ``form``; refuses unknown and not-yet-implemented forms."""
+    if not isinstance(form, str) or form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
+    if form == "auto":
+        return "chunk"
+    if form in ("parallel", "recurrent"):
+        raise ValueError(f"form={form!r} is not implemented yet; use form='chunk' or form='reference'")
+    return form
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    chunk: int
+    block_k: int
+    block_v: int
+    precision: str
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << (n - 1).bit_length())
+
+
+def check_chunk_size(chunk_size: object, default_chunk: int) -> int:
+    """The chunk size to use: ``chunk_size``, or the spec's default when None."""
+    if chunk_size is None:
+        return default_chunk
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+    if chunk_size & (chunk_size - 1) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
+        raise ValueError(f"chunk_size must be a power of two from {MIN_CHUNK} to {MAX_CHUNK}, got {chunk_size}")
+    return chunk_size
+
+
+def kernel_settings(q: torch.Tensor, shape: Shape, chunk_size: object, default_chunk: int) -> KernelSettings:
+    """Tile sizes and dot precision for a kernel launch; refuses what the kernels cannot run."""
+    chunk_size = check_chunk_size(chunk_size, default_chunk)
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"q, k, v must be float32, float16 or bfloat16 for the kernel forms, got {q.dtype} "
+            "(form='reference' takes float64)"
+        )
+    if max(shape.dk, shape.dv) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims must be at most {MAX_HEAD_DIM}, got Dk={shape.dk}, Dv={shape.dv}")
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"the kernel forms need CUDA tensors (q is on {q.device}); set TRITON_INTERPRET=1 to run them on "
+            "the CPU, slowly, or use form='reference'"
+        )
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    return KernelSettings(chunk_size, _pow2_at_least(shape.dk), _pow2_at_least(shape.dv), precision)
+
+
+def check_scale(value: float, d: int) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"the spec's scale is not finite at head dim d={d}: {value}")
+    return float(value)
