@@ -142,7 +142,7 @@ def _lion_lit_chunk_fwd(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Chunkwise forward, mask none (one program per (b, h)):
+    # Chunkwise forward, mask none (one program per (b, h); docs/lion_math.md section 3.3, LIT case):
     #   S = sum_j K_j v_j^T,  z = sum_j K_j              (one global state, no scan, no intra-chunk mask)
     #   y_i = Q_i S / (Q_i . z + eps)
     pid = tl.program_id(0)
@@ -192,7 +192,7 @@ def _lion_lit_chunk_bwd(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Chunkwise backward, mask none (one program per (b, h); lion_math.md section 4.2 with M = 1):
+    # Chunkwise backward, mask none (one program per (b, h); docs/lion_math.md section 4.2 with M = 1):
     #   dQ_i = sum_j (dO'_i . v'_j) K_j = dO_i S^T + dn_i z,   S = sum_j K_j v_j^T
     #   dK_j = sum_i (v'_j . dO'_i) Q_i = v_j D^T + e,        D = sum_i Q_i dO_i^T
     #   dv_j = sum_i (K_j . Q_i) dO_i  = K_j D

@@ -187,7 +187,7 @@ def _lion_s_sym_chunk_fwd(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Chunkwise forward (one program per (b, h); lion_math.md section 3.3), chunk n = rows [nC, nC + C):
+    # Chunkwise forward (one program per (b, h); docs/lion_math.md section 3.3), chunk n = rows [nC, nC + C):
     #   O_i = sum_{j in chunk} M_ij (Q_i . K_j) v'_j                        (intra-chunk, C x C)
     #       + exp(F_i - F_st) Q_i H^F_n                                      (state from the left)
     #       + exp(G_en - G_i) Q_i H^B_n                                      (state from the right)
@@ -272,7 +272,7 @@ def _lion_s_sym_chunk_bwd(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Chunkwise backward (one program per (b, h); lion_math.md section 4):
+    # Chunkwise backward (one program per (b, h); docs/lion_math.md section 4):
     #   dQ_i = sum_j M_ij (dO'_i . v'_j) K_j,  dK_j = sum_i M_ij (v'_j . dO'_i) Q_i,  dv_j = sum_i M_ij (K_j . Q_i) dO_i
     # Left to right: the intra-chunk blocks, dQ from the forward state H^F = sum exp(.) v'_j K_j^T, and dK, dv
     # of the upper triangle from D^U = sum_i exp(.) Q_i dO'_i^T.

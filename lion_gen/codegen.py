@@ -122,19 +122,15 @@ class TorchPrinter(_Printer):
 class PythonPrinter(_Printer):
     """SymPy -> plain Python (math.*) for host-side scalars such as scale(d)."""
 
-    backend = "torch"
+    backend = "python"
+    TABLE = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "tanh": "math.tanh", "abs": "abs"}
 
-    def _print_Function(self, expr: sp.Function) -> str:
-        name = expr.func.__name__
-        args = [self._print(a) for a in expr.args]
-        table = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "tanh": "math.tanh", "Abs": "abs"}
-        if name in table:
-            return f"{table[name]}({', '.join(args)})"
-        if name in ("Min", "Max"):
-            return f"{name.lower()}({', '.join(args)})"
-        raise ValueError(f"scale may use only exp, log, sqrt, tanh, abs, pow, min, max; got {name}")
-
-    _print_exp = _print_log = _print_tanh = _print_Abs = _print_Min = _print_Max = _print_Function
+    def _lower(self, name: str, args: list[str]) -> str:
+        if name in ("min", "max"):
+            return f"{name}({', '.join(args)})"
+        if name not in self.TABLE:
+            raise ValueError(f"scale may use only exp, log, sqrt, tanh, abs, pow, min, max; got {name}")
+        return f"{self.TABLE[name]}({', '.join(args)})"
 
     def _general_pow(self, base: str, e: str) -> str:
         return f"({base}) ** ({e})"

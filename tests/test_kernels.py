@@ -137,3 +137,27 @@ def test_module_trains(name, device):
     ref = getattr(mod, mod.SPEC["name"].title().replace("_", ""))(32, 2, form="reference")
     ref.load_state_dict(layer.state_dict())
     assert rel_rms(out.detach().cpu(), ref.cpu()(x.cpu()).detach().double()) < 1e-5
+
+
+def test_numpy_oracle_self_checks(capsys):
+    """The numpy oracle of docs/lion_math.md: attention == RNN == chunkwise, backward == finite differences."""
+    import lion_oracle
+
+    lion_oracle.main()
+    assert "LIT closed form ok" in capsys.readouterr().out
+
+
+def test_kernel_matches_numpy_oracle(device):
+    """lion_s against the numpy oracle's attention form (a second, independent float64 reference)."""
+    import lion_oracle
+    import numpy as np
+
+    mod = module("lion_s")
+    q, k, v, gate = make_inputs(mod, 1, 45, 1, 16, 16, device)
+    y = mod.lion_s(q, k, v, gate, chunk_size=16)[0, :, 0].double().cpu().numpy()
+    f = lambda x: x * (1 / (1 + np.exp(-x))) + 0.5  # noqa: E731  silu(x) + 1/2, then l2
+    Q, K = (f(t[0, :, 0].double().cpu().numpy()) for t in (q, k))
+    Q, K = Q / np.linalg.norm(Q, axis=1, keepdims=True), K / np.linalg.norm(K, axis=1, keepdims=True)
+    F, G = lion_oracle.potentials(-np.logaddexp(0, gate[0, :, 0].double().cpu().numpy()), "code")
+    ref, _ = lion_oracle.attn_form(Q, K, v[0, :, 0].double().cpu().numpy(), F, G, eps=1e-6)
+    assert np.sqrt(((y - ref) ** 2).mean() / (ref**2).mean()) < 1e-5
