@@ -96,20 +96,22 @@ def _feature_grad(x):
 def _load_rows(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr):
     """A (C, BLOCK) tile of rows `rows` of a (B, L, H, DIM) tensor, zero outside."""
     mask = (rows[:, None] < L) & (cols[None, :] < DIM)
-    return tl.load(ptr + base + rows[:, None] * STRIDE + cols[None, :], mask=mask, other=0.0)
+    return tl.load(ptr + base + rows[:, None].to(tl.int64) * STRIDE + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def _store_rows(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr, value):
     mask = (rows[:, None] < L) & (cols[None, :] < DIM)
-    tl.store(ptr + base + rows[:, None] * STRIDE + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+    offsets = base + rows[:, None].to(tl.int64) * STRIDE + cols[None, :]
+    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _load_features(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr):
     """x (fp32), phi(x) and the row norm: phi = f(x), zero outside."""
     mask = (rows[:, None] < L) & (cols[None, :] < DIM)
-    x = tl.load(ptr + base + rows[:, None] * STRIDE + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(ptr + base + rows[:, None].to(tl.int64) * STRIDE + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
     phi = tl.where(mask, _feature(x), 0.0)
     norm = tl.full([phi.shape[0]], 1.0, tl.float32)
     return x, phi, norm
@@ -135,6 +137,9 @@ def _mask(Fa, Gb, LOWER: tl.constexpr, UPPER: tl.constexpr, C: tl.constexpr):
     return m
 
 
+# Chunkwise forward, mask none (one program per (b, h); docs/lion_math.md section 3.3, LIT case):
+#   S = sum_j K_j v_j^T,  z = sum_j K_j              (one global state, no scan, no intra-chunk mask)
+#   y_i = Q_i S / (Q_i . z + eps)
 @triton.jit
 def _lion_lit_chunk_fwd(
     q_ptr, k_ptr, v_ptr,
@@ -142,9 +147,6 @@ def _lion_lit_chunk_fwd(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Chunkwise forward, mask none (one program per (b, h); docs/lion_math.md section 3.3, LIT case):
-    #   S = sum_j K_j v_j^T,  z = sum_j K_j              (one global state, no scan, no intra-chunk mask)
-    #   y_i = Q_i S / (Q_i . z + eps)
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = pid % H
@@ -185,6 +187,11 @@ def _lion_lit_output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L,
     return dY * r[:, None], -tl.sum(dY * Y, 1) * r
 
 
+# Chunkwise backward, mask none (one program per (b, h); docs/lion_math.md section 4.2 with M = 1):
+#   dQ_i = sum_j (dO'_i . v'_j) K_j = dO_i S^T + dn_i z,   S = sum_j K_j v_j^T
+#   dK_j = sum_i (v'_j . dO'_i) Q_i = v_j D^T + e,        D = sum_i Q_i dO_i^T
+#   dv_j = sum_i (K_j . Q_i) dO_i  = K_j D
+#   dq = phi'(q)^T (scale dQ),  dk = phi'(k)^T dK
 @triton.jit
 def _lion_lit_chunk_bwd(
     q_ptr, k_ptr, v_ptr,
@@ -192,11 +199,6 @@ def _lion_lit_chunk_bwd(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Chunkwise backward, mask none (one program per (b, h); docs/lion_math.md section 4.2 with M = 1):
-    #   dQ_i = sum_j (dO'_i . v'_j) K_j = dO_i S^T + dn_i z,   S = sum_j K_j v_j^T
-    #   dK_j = sum_i (v'_j . dO'_i) Q_i = v_j D^T + e,        D = sum_i Q_i dO_i^T
-    #   dv_j = sum_i (K_j . Q_i) dO_i  = K_j D
-    #   dq = phi'(q)^T (scale dQ),  dk = phi'(k)^T dK
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = pid % H
@@ -275,11 +277,6 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Te
     )
 
 
-def _gate_layout(gate: torch.Tensor | None, shape) -> tuple[torch.Tensor | None, int, int]:
-    """The gate tensor (contiguous), and the base offset multiplier and row stride the kernels use."""
-    return None, 0, 0
-
-
 def _chunk_forward(q, k, v, gate, shape, st):
     B, L, H = shape.batch, shape.length, shape.heads
     y = torch.empty_like(v)
@@ -317,6 +314,7 @@ class _ChunkFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         q, k, v, gate, y, n = ctx.saved_tensors
         dq, dk, dv, dgate = _chunk_backward(q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)

@@ -125,20 +125,22 @@ def _log_decay_grad(z):
 def _load_rows(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr):
     """A (C, BLOCK) tile of rows `rows` of a (B, L, H, DIM) tensor, zero outside."""
     mask = (rows[:, None] < L) & (cols[None, :] < DIM)
-    return tl.load(ptr + base + rows[:, None] * STRIDE + cols[None, :], mask=mask, other=0.0)
+    return tl.load(ptr + base + rows[:, None].to(tl.int64) * STRIDE + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def _store_rows(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr, value):
     mask = (rows[:, None] < L) & (cols[None, :] < DIM)
-    tl.store(ptr + base + rows[:, None] * STRIDE + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+    offsets = base + rows[:, None].to(tl.int64) * STRIDE + cols[None, :]
+    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _load_features(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr):
     """x (fp32), phi(x) and the row norm: phi = f(x) / ||f(x)||_2, zero outside."""
     mask = (rows[:, None] < L) & (cols[None, :] < DIM)
-    x = tl.load(ptr + base + rows[:, None] * STRIDE + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(ptr + base + rows[:, None].to(tl.int64) * STRIDE + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
     phi = tl.where(mask, _feature(x), 0.0)
     norm = tl.maximum(tl.sqrt(tl.sum(phi * phi, 1)), 1e-12)
     phi = phi / norm[:, None]
@@ -178,6 +180,15 @@ def _chunk_gates(g_ptr, g_base, g_stride, rows, L):
     return z, cl - lg, cl, tl.sum(lg, 0)
 
 
+# Chunkwise forward (one program per (b, h); docs/lion_math.md section 3.3), chunk n = rows [nC, nC + C):
+#   O_i = sum_{j in chunk} M_ij (Q_i . K_j) v'_j                        (intra-chunk, C x C)
+#       + exp(F_i - P_st) Q_i H^F_n                                      (state from the left)
+#       + exp(P_en - G_i) Q_i H^B_n                                      (state from the right)
+#   H^F_(n+1) = exp(P_en - P_st) H^F_n + sum_j exp(P_en - F_j) K_j v'_j^T
+#   H^B_(n-1) = exp(P_en - P_st) H^B_n + sum_j exp(G_j - P_st) K_j v'_j^T
+#   v' = [v, 1]: the ones column (kept as the vector z) gives the row sum n_i.
+# Potentials are chunk-local fp32 prefix sums (pl: exclusive, cl: inclusive), so every exponent
+# is a difference <= 0.
 @triton.jit
 def _lion_s_chunk_fwd(
     q_ptr, k_ptr, v_ptr,
@@ -187,15 +198,6 @@ def _lion_s_chunk_fwd(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Chunkwise forward (one program per (b, h); docs/lion_math.md section 3.3), chunk n = rows [nC, nC + C):
-    #   O_i = sum_{j in chunk} M_ij (Q_i . K_j) v'_j                        (intra-chunk, C x C)
-    #       + exp(F_i - F_st) Q_i H^F_n                                      (state from the left)
-    #       + exp(G_en - G_i) Q_i H^B_n                                      (state from the right)
-    #   H^F_(n+1) = exp(P_en - P_st) H^F_n + sum_j exp(P_en - F_j) K_j v'_j^T
-    #   H^B_(n-1) = exp(P_en - P_st) H^B_n + sum_j exp(G_j - P_st) K_j v'_j^T
-    #   v' = [v, 1]: the ones column (kept as the vector z) gives the row sum n_i.
-    # Potentials are chunk-local fp32 prefix sums (pl: exclusive, cl: inclusive), so every exponent
-    # is a difference <= 0.
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = pid % H
@@ -262,6 +264,15 @@ def _lion_s_output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H
     return dY * r[:, None], -tl.sum(dY * Y, 1) * r
 
 
+# Chunkwise backward (one program per (b, h); docs/lion_math.md section 4):
+#   dQ_i = sum_j M_ij (dO'_i . v'_j) K_j,  dK_j = sum_i M_ij (v'_j . dO'_i) Q_i,  dv_j = sum_i M_ij (K_j . Q_i) dO_i
+# Left to right: the intra-chunk blocks, dQ from the forward state H^F = sum exp(.) v'_j K_j^T, and dK, dv
+# of the upper triangle from D^U = sum_i exp(.) Q_i dO'_i^T.
+# Right to left: dK, dv of the lower triangle from D^L = sum_i exp(.) Q_i dO'_i^T, dQ from the backward state H^B.
+# Transposed score tiles (S^T = K Q^T, dS^T = v' dO'^T) are formed directly, never by transposing a
+# dot result (a Hopper miscompile in Triton 3.4-3.7).
+# Gate: W_ij = dS_ij S_ij M_ij; dF_m = Q_m . dQ^low_m - K_m . dK^low_m, dG_m = K_m . dK^up_m - Q_m . dQ^up_m,
+#   dl_s = sum_(m+0>s) dF_m + sum_(m+1>s) dG_m (suffix sums carried right to left), dgate = dl * dl/dz.
 @triton.jit
 def _lion_s_chunk_bwd(
     q_ptr, k_ptr, v_ptr,
@@ -272,15 +283,6 @@ def _lion_s_chunk_bwd(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Chunkwise backward (one program per (b, h); docs/lion_math.md section 4):
-    #   dQ_i = sum_j M_ij (dO'_i . v'_j) K_j,  dK_j = sum_i M_ij (v'_j . dO'_i) Q_i,  dv_j = sum_i M_ij (K_j . Q_i) dO_i
-    # Left to right: the intra-chunk blocks, dQ from the forward state H^F = sum exp(.) v'_j K_j^T, and dK, dv
-    # of the upper triangle from D^U = sum_i exp(.) Q_i dO'_i^T.
-    # Right to left: dK, dv of the lower triangle from D^L = sum_i exp(.) Q_i dO'_i^T, dQ from the backward state H^B.
-    # Transposed score tiles (S^T = K Q^T, dS^T = v' dO'^T) are formed directly, never by transposing a
-    # dot result (a Hopper miscompile in Triton 3.4-3.7).
-    # Gate: W_ij = dS_ij S_ij M_ij; dF_m = Q_m . dQ^low_m - K_m . dK^low_m, dG_m = K_m . dK^up_m - Q_m . dQ^up_m,
-    #   dl_s = sum_(m+0>s) dF_m + sum_(m+1>s) dG_m (suffix sums carried right to left), dgate = dl * dl/dz.
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = pid % H
@@ -440,9 +442,9 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Te
     )
 
 
-def _gate_layout(gate: torch.Tensor | None, shape) -> tuple[torch.Tensor | None, int, int]:
-    """The gate tensor (contiguous), and the base offset multiplier and row stride the kernels use."""
-    return gate.contiguous(), 1, shape.heads
+def _gate_layout(gate: torch.Tensor, shape) -> tuple[torch.Tensor, int, int]:
+    """The gate (contiguous), whether its offset has a per-(b, t) part, and its row stride in the kernels."""
+    return gate.contiguous(), 1, shape.heads  # (B, L, H): row t of (b, h) at (b L + t) H + h
 
 
 def _chunk_forward(q, k, v, gate, shape, st):
@@ -496,6 +498,7 @@ class _ChunkFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         q, k, v, gate, y, n = ctx.saved_tensors
         dq, dk, dv, dgate = _chunk_backward(q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)

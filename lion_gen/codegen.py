@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 import jinja2
+import networkx as nx
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
@@ -190,8 +191,6 @@ def render(p: Plan) -> str:
 
 
 def _topo(p: Plan) -> list[str]:
-    import networkx as nx
-
     return list(nx.lexicographical_topological_sort(p.stages))
 
 
@@ -221,10 +220,6 @@ def cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "lion_gen"
-
-
-def spec_hash(source: str) -> str:
-    return hashlib.sha256(f"{__version__}\n{source}".encode()).hexdigest()[:16]
 
 
 def load(spec_path: str | os.PathLike[str]) -> ModuleType:

@@ -83,7 +83,7 @@ class KernelSettings:
     chunk: int
     block_k: int
     block_v: int
-    precision: str
+    precision: str | None
 
 
 def _pow2_at_least(n: int, floor: int = 16) -> int:
@@ -116,7 +116,7 @@ def kernel_settings(q: torch.Tensor, shape: Shape, chunk_size: object, default_c
             f"the kernel forms need CUDA tensors (q is on {q.device}); set TRITON_INTERPRET=1 to run them on "
             "the CPU, slowly, or use form='reference'"
         )
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    precision = "ieee" if q.dtype == torch.float32 else None  # fp32: no tf32 (accuracy bar 1e-4)
     return KernelSettings(chunk_size, _pow2_at_least(shape.dk), _pow2_at_least(shape.dv), precision)
 
 
