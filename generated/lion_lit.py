@@ -124,6 +124,15 @@ def _feature_backward(x, phi, norm, g):
 
 
 @triton.jit
+def _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr):
+    """dO' = [dY / (n + eps), -(dY . Y) / (n + eps)], returned as (dO, dn) in fp32."""
+    dY = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+    Y = _load_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+    r = 1.0 / (tl.load(n_ptr + n_base + rows * H, mask=rows < L, other=1.0) + eps)
+    return dY * r[:, None], -tl.sum(dY * Y, 1) * r
+
+
+@triton.jit
 def _mask(Fa, Gb, LOWER: tl.constexpr, UPPER: tl.constexpr, C: tl.constexpr):
     """M_ij = exp(Fa_i - Fa_j) below the diagonal, 1 on it, exp(Gb_j - Gb_i) above; every exponent <= 0."""
     o = tl.arange(0, C)
@@ -178,15 +187,6 @@ def _lion_lit_chunk_fwd(
         _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, y)
 
 
-@triton.jit
-def _lion_lit_output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr):
-    """dO' = [dY / (n + eps), -(dY . Y) / (n + eps)], returned as (dO, dn) in fp32."""
-    dY = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
-    Y = _load_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
-    r = 1.0 / (tl.load(n_ptr + n_base + rows * H, mask=rows < L, other=1.0) + eps)
-    return dY * r[:, None], -tl.sum(dY * Y, 1) * r
-
-
 # Chunkwise backward, mask none (one program per (b, h); docs/lion_math.md section 4.2 with M = 1):
 #   dQ_i = sum_j (dO'_i . v'_j) K_j = dO_i S^T + dn_i z,   S = sum_j K_j v_j^T
 #   dK_j = sum_i (v'_j . dO'_i) Q_i = v_j D^T + e,        D = sum_i Q_i dO_i^T
@@ -222,7 +222,7 @@ def _lion_lit_chunk_bwd(
         Q = Q * scale
         _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        dO, dn = _lion_lit_output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
         state_t += tl.dot(tl.trans(V), K.to(dt), input_precision=PREC)
         D += tl.dot(tl.trans(Q).to(dt), dO.to(dt), input_precision=PREC)
         D_t += tl.dot(tl.trans(dO).to(dt), Q.to(dt), input_precision=PREC)
@@ -233,13 +233,195 @@ def _lion_lit_chunk_bwd(
         xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
         xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        dO, dn = _lion_lit_output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
         dQ = tl.dot(dO.to(dt), state_t.to(dt), input_precision=PREC) + dn[:, None] * z[None, :]
         dK = tl.dot(V, D_t.to(dt), input_precision=PREC) + e[None, :]
         dV = tl.dot(K.to(dt), D.to(dt), input_precision=PREC)
         _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale))
         _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xk, K, nk, dK))
         _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
+
+
+# Parallel (tiled attention) forward: one program per (query tile, b, h); docs/lion_math.md section 3.3:
+#   y_i = sum_j A_ij v_j / (sum_j A_ij + eps),   A_ij = M_ij (Q_i . K_j), over all key tiles.
+@triton.jit
+def _lion_lit_parallel_fwd(
+    q_ptr, k_ptr, v_ptr,
+    y_ptr, n_ptr,
+    L, H, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+):
+    t = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    dt = v_ptr.dtype.element_ty
+    N = tl.cdiv(L, C)
+    rows = t * C + o_c
+    _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
+    Qd = (Q * scale).to(dt)
+    pl = tl.zeros([C], tl.float32)
+    cl = pl
+
+    # the diagonal tile
+    _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
+    V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
+    A = tl.dot(Qd, tl.trans(K.to(dt)), input_precision=PREC) * _mask(pl, cl, True, True, C)
+    num = tl.dot(A.to(dt), V, input_precision=PREC)
+    den = tl.sum(A, 1)
+
+    # key tiles to the left, nearest first
+    for s in range(t):
+        cols = (t - 1 - s) * C + o_c
+        _, K, _ = _load_features(k_ptr, qk_base, cols, o_k, L, H * DK, DK)
+        V = _load_rows(v_ptr, v_base, cols, o_v, L, H * DV, DV)
+        A = tl.dot(Qd, tl.trans(K.to(dt)), input_precision=PREC)
+        num += tl.dot(A.to(dt), V, input_precision=PREC)
+        den += tl.sum(A, 1)
+
+    # key tiles to the right, nearest first
+    for j in range(t + 1, N):
+        cols = j * C + o_c
+        _, K, _ = _load_features(k_ptr, qk_base, cols, o_k, L, H * DK, DK)
+        V = _load_rows(v_ptr, v_base, cols, o_v, L, H * DV, DV)
+        A = tl.dot(Qd, tl.trans(K.to(dt)), input_precision=PREC)
+        num += tl.dot(A.to(dt), V, input_precision=PREC)
+        den += tl.sum(A, 1)
+    tl.store(n_ptr + n_base + rows * H, den, mask=rows < L)
+    num = num / (den + eps)[:, None]
+    _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, num)
+
+
+# Parallel backward, queries: one program per (query tile, b, h); docs/lion_math.md section 4:
+#   dQ_i = sum_j M_ij (dO'_i . v'_j) K_j,  dq = phi'(q)^T (scale dQ)
+@triton.jit
+def _lion_lit_parallel_bwd_q(
+    q_ptr, k_ptr, v_ptr,
+    y_ptr, n_ptr, dy_ptr, dq_ptr,
+    L, H, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+):
+    t = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    dt = v_ptr.dtype.element_ty
+    N = tl.cdiv(L, C)
+    rows = t * C + o_c
+    xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
+    Q = phq * scale
+    Qd = Q.to(dt)
+    dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+    dOd = dO.to(dt)
+    pl = tl.zeros([C], tl.float32)
+    cl = pl
+
+    # the diagonal tile
+    _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
+    Kd = K.to(dt)
+    V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
+    m = _mask(pl, cl, True, True, C)
+    dS = tl.dot(dOd, tl.trans(V), input_precision=PREC) + dn[:, None]
+    dQ = tl.dot((dS * m).to(dt), Kd, input_precision=PREC)
+
+    # key tiles to the left (M_ij = exp(F_i - F_j)), nearest first
+    for s in range(t):
+        cols = (t - 1 - s) * C + o_c
+        _, K, _ = _load_features(k_ptr, qk_base, cols, o_k, L, H * DK, DK)
+        Kd = K.to(dt)
+        V = _load_rows(v_ptr, v_base, cols, o_v, L, H * DV, DV)
+        dS = tl.dot(dOd, tl.trans(V), input_precision=PREC) + dn[:, None]
+        dQ += tl.dot(dS.to(dt), Kd, input_precision=PREC)
+
+    # key tiles to the right (M_ij = exp(G_j - G_i)), nearest first
+    for j in range(t + 1, N):
+        cols = j * C + o_c
+        _, K, _ = _load_features(k_ptr, qk_base, cols, o_k, L, H * DK, DK)
+        Kd = K.to(dt)
+        V = _load_rows(v_ptr, v_base, cols, o_v, L, H * DV, DV)
+        dS = tl.dot(dOd, tl.trans(V), input_precision=PREC) + dn[:, None]
+        dQ += tl.dot(dS.to(dt), Kd, input_precision=PREC)
+    _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale))
+
+
+# Parallel backward, keys and values: one program per (key tile, b, h); docs/lion_math.md section 4.2:
+#   dK_j = sum_i M_ij (v'_j . dO'_i) Q_i,  dv_j = sum_i M_ij (K_j . Q_i) dO_i,  dk = phi'(k)^T dK
+# The tiles are transposed (rows j, columns i): S^T = K Q^T and dS^T = v' dO'^T are formed directly,
+# never by transposing a dot result (a Hopper miscompile in Triton 3.4-3.7).
+@triton.jit
+def _lion_lit_parallel_bwd_kv(
+    q_ptr, k_ptr, v_ptr,
+    y_ptr, n_ptr, dy_ptr, dk_ptr, dv_ptr,
+    L, H, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+):
+    u = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    dt = v_ptr.dtype.element_ty
+    N = tl.cdiv(L, C)
+    rows = u * C + o_c
+    xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
+    Kd = K.to(dt)
+    V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
+    pl = tl.zeros([C], tl.float32)
+    cl = pl
+
+    # the diagonal tile
+    _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
+    Qd = (Q * scale).to(dt)
+    dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+    dOd = dO.to(dt)
+    m_t = _mask(cl, pl, True, True, C)  # M_ji
+    S_t = tl.dot(Kd, tl.trans(Qd), input_precision=PREC)
+    dS_t = tl.dot(V, tl.trans(dOd), input_precision=PREC) + dn[None, :]
+    dK = tl.dot((dS_t * m_t).to(dt), Qd, input_precision=PREC)
+    dV = tl.dot((S_t * m_t).to(dt), dOd, input_precision=PREC)
+
+    # query tiles to the right (i > j: M_ij = exp(F_i - F_j)), nearest first
+    for i in range(u + 1, N):
+        cols = i * C + o_c
+        _, Q, _ = _load_features(q_ptr, qk_base, cols, o_k, L, H * DK, DK)
+        Qd = (Q * scale).to(dt)
+        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, cols, o_v, L, H, eps, DV)
+        dOd = dO.to(dt)
+        S_t = tl.dot(Kd, tl.trans(Qd), input_precision=PREC)
+        dS_t = tl.dot(V, tl.trans(dOd), input_precision=PREC) + dn[None, :]
+        dK += tl.dot(dS_t.to(dt), Qd, input_precision=PREC)
+        dV += tl.dot(S_t.to(dt), dOd, input_precision=PREC)
+
+    # query tiles to the left (i < j: M_ij = exp(G_j - G_i)), nearest first
+    for s in range(u):
+        cols = (u - 1 - s) * C + o_c
+        _, Q, _ = _load_features(q_ptr, qk_base, cols, o_k, L, H * DK, DK)
+        Qd = (Q * scale).to(dt)
+        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, cols, o_v, L, H, eps, DV)
+        dOd = dO.to(dt)
+        S_t = tl.dot(Kd, tl.trans(Qd), input_precision=PREC)
+        dS_t = tl.dot(V, tl.trans(dOd), input_precision=PREC) + dn[None, :]
+        dK += tl.dot(dS_t.to(dt), Qd, input_precision=PREC)
+        dV += tl.dot(S_t.to(dt), dOd, input_precision=PREC)
+    _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xk, K, nk, dK))
+    _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,21 +486,51 @@ def _chunk_backward(q, k, v, gate, y, n, dy, shape, st):
     return dq, dk, dv, None
 
 
-class _ChunkFunction(torch.autograd.Function):
+def _parallel_forward(q, k, v, gate, shape, st):
+    B, L, H = shape.batch, shape.length, shape.heads
+    y = torch.empty_like(v)
+    n = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
+    _lion_lit_parallel_fwd[(triton.cdiv(L, st.chunk), B * H)](
+        q, k, v,
+        y, n, L, H, _scale(shape.dk), EPS,
+        DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision,
+    )
+    return y, n
+
+
+def _parallel_backward(q, k, v, gate, y, n, dy, shape, st):
+    B, L, H = shape.batch, shape.length, shape.heads
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    grid = (triton.cdiv(L, st.chunk), B * H)
+    common = dict(L=L, H=H, scale=_scale(shape.dk), eps=EPS, DK=shape.dk, DV=shape.dv, BK=st.block_k,
+                  BV=st.block_v, C=st.chunk, PREC=st.precision)
+    grid_args = (q, k, v, y, n, dy)
+    _lion_lit_parallel_bwd_q[grid](*grid_args, dq, **common)
+    _lion_lit_parallel_bwd_kv[grid](*grid_args, dk, dv, **common)
+    return dq, dk, dv, None
+
+
+_FORWARD = {"chunk": _chunk_forward, "parallel": _parallel_forward}
+_BACKWARD = {"chunk": _chunk_backward, "parallel": _parallel_backward}
+
+
+class _Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, gate, shape, st):
+    def forward(ctx, q, k, v, gate, shape, st, algorithm):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        y, n = _chunk_forward(q, k, v, gate, shape, st)
+        y, n = _FORWARD[algorithm](q, k, v, gate, shape, st)
         ctx.save_for_backward(q, k, v, gate, y, n)
-        ctx.shape, ctx.st = shape, st
+        ctx.shape, ctx.st, ctx.algorithm = shape, st, algorithm
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         q, k, v, gate, y, n = ctx.saved_tensors
-        dq, dk, dv, dgate = _chunk_backward(q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)
-        return dq, dk, dv, dgate, None, None
+        grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)
+        return (*grads, None, None, None)
 
 
 def lion_lit(
@@ -334,7 +546,9 @@ def lion_lit(
 
     q, k: (B, L, H, Dk) raw projections (the feature map is applied inside); v: (B, L, H, Dv);
     gate: must be None (no mask).
-    Returns (B, L, H, Dv) in the dtype of v. form: "auto", "chunk" or "reference".
+    Returns (B, L, H, Dv) in the dtype of v. form: "auto" (= "chunk" for now), "chunk" (linear in L),
+    "parallel" (tiled attention form, for short sequences) or "reference" (materialized, plain torch).
+    chunk_size: the chunk (chunk form) or tile (parallel form) length, a power of two from 16 to 256.
     """
     shape = check_inputs(q, k, v, gate, FAMILY)
     algorithm = resolve_form(form)
@@ -342,7 +556,7 @@ def lion_lit(
         check_chunk_size(chunk_size, DEFAULT_CHUNK)
         return _reference(q, k, v, gate)
     st = kernel_settings(q, shape, chunk_size, DEFAULT_CHUNK)
-    return _ChunkFunction.apply(q, k, v, gate, shape, st)
+    return _Function.apply(q, k, v, gate, shape, st, algorithm)
 
 
 class LionLit(torch.nn.Module):

@@ -154,6 +154,15 @@ def _feature_backward(x, phi, norm, g):
 
 
 @triton.jit
+def _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr):
+    """dO' = [dY / (n + eps), -(dY . Y) / (n + eps)], returned as (dO, dn) in fp32."""
+    dY = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+    Y = _load_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+    r = 1.0 / (tl.load(n_ptr + n_base + rows * H, mask=rows < L, other=1.0) + eps)
+    return dY * r[:, None], -tl.sum(dY * Y, 1) * r
+
+
+@triton.jit
 def _mask(Fa, Gb, LOWER: tl.constexpr, UPPER: tl.constexpr, C: tl.constexpr):
     """M_ij = exp(Fa_i - Fa_j) below the diagonal, 1 on it, exp(Gb_j - Gb_i) above; every exponent <= 0."""
     o = tl.arange(0, C)
@@ -228,15 +237,6 @@ def _lion_s_causal_chunk_fwd(
         z = tl.exp(total) * z + tl.sum(Kw, 0)
 
 
-@triton.jit
-def _lion_s_causal_output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr):
-    """dO' = [dY / (n + eps), -(dY . Y) / (n + eps)], returned as (dO, dn) in fp32."""
-    dY = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
-    Y = _load_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
-    r = 1.0 / (tl.load(n_ptr + n_base + rows * H, mask=rows < L, other=1.0) + eps)
-    return dY * r[:, None], -tl.sum(dY * Y, 1) * r
-
-
 # Chunkwise backward (one program per (b, h); docs/lion_math.md section 4):
 #   dQ_i = sum_j M_ij (dO'_i . v'_j) K_j,  dK_j = sum_i M_ij (v'_j . dO'_i) Q_i,  dv_j = sum_i M_ij (K_j . Q_i) dO_i
 # Left to right: the intra-chunk blocks, dQ from the forward state H^F = sum exp(.) v'_j K_j^T
@@ -279,7 +279,7 @@ def _lion_s_causal_chunk_bwd(
         Q = Q * scale
         _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        dO, dn = _lion_s_causal_output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
         _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L)
         Qd = Q.to(dt)
         Kd = K.to(dt)
@@ -320,7 +320,7 @@ def _lion_s_causal_chunk_bwd(
         Q = phq * scale
         xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        dO, dn = _lion_s_causal_output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
         z, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L)
         Kd = K.to(dt)
         dOd = dO.to(dt)
@@ -348,6 +348,190 @@ def _lion_s_causal_chunk_bwd(
         el = decay * el + tl.sum(Qw * dn[:, None], 0)
 
 
+# Parallel (tiled attention) forward: one program per (query tile, b, h); docs/lion_math.md section 3.3:
+#   y_i = sum_j A_ij v_j / (sum_j A_ij + eps),   A_ij = M_ij (Q_i . K_j), over key tiles j <= i.
+# Mask tiles come from the potentials on the fly (no L x L tensor). Key tiles are visited moving away
+# from the query tile, carrying D = the sum of the log-gates of the tiles strictly between, so that
+#   F_i - F_j = (F_i - P_st(i)) + D + (T_j - (F_j - P_st(j)))       (key tile left of the query tile)
+# with T the tile's total log-gate: every term is <= 0, and no global prefix sum loses precision.
+@triton.jit
+def _lion_s_causal_parallel_fwd(
+    q_ptr, k_ptr, v_ptr,
+    g_ptr, G_ROWED, G_STRIDE,
+    y_ptr, n_ptr,
+    L, H, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+):
+    t = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    g_base = (b * L * H) * G_ROWED + h
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    dt = v_ptr.dtype.element_ty
+    N = tl.cdiv(L, C)
+    rows = t * C + o_c
+    _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
+    Qd = (Q * scale).to(dt)
+    _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L)
+
+    # the diagonal tile
+    _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
+    V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
+    A = tl.dot(Qd, tl.trans(K.to(dt)), input_precision=PREC) * _mask(cl, cl, True, False, C)
+    num = tl.dot(A.to(dt), V, input_precision=PREC)
+    den = tl.sum(A, 1)
+
+    # key tiles to the left, nearest first
+    D = tl.zeros([C], tl.float32)  # every lane holds the same offset
+    for s in range(t):
+        cols = (t - 1 - s) * C + o_c
+        _, K, _ = _load_features(k_ptr, qk_base, cols, o_k, L, H * DK, DK)
+        V = _load_rows(v_ptr, v_base, cols, o_v, L, H * DV, DV)
+        A = tl.dot(Qd, tl.trans(K.to(dt)), input_precision=PREC)
+        _, plj, clj, tot_j = _chunk_gates(g_ptr, g_base, G_STRIDE, cols, L)
+        A = A * tl.exp((cl + D)[:, None] + (tot_j - clj)[None, :])
+        D += tot_j
+        num += tl.dot(A.to(dt), V, input_precision=PREC)
+        den += tl.sum(A, 1)
+    tl.store(n_ptr + n_base + rows * H, den, mask=rows < L)
+    num = num / (den + eps)[:, None]
+    _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, num)
+
+
+# Parallel backward, queries: one program per (query tile, b, h); docs/lion_math.md section 4:
+#   dQ_i = sum_j M_ij (dO'_i . v'_j) K_j,  dq = phi'(q)^T (scale dQ)
+#   and the row halves of the gate terms: dF_i += sum_{j<i} W_ij,  W = dS o S o M.
+@triton.jit
+def _lion_s_causal_parallel_bwd_q(
+    q_ptr, k_ptr, v_ptr,
+    g_ptr, G_ROWED, G_STRIDE, df_ptr,
+    y_ptr, n_ptr, dy_ptr, dq_ptr,
+    L, H, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+):
+    t = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    g_base = (b * L * H) * G_ROWED + h
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    dt = v_ptr.dtype.element_ty
+    N = tl.cdiv(L, C)
+    rows = t * C + o_c
+    xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
+    Q = phq * scale
+    Qd = Q.to(dt)
+    dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+    dOd = dO.to(dt)
+    _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L)
+
+    # the diagonal tile
+    _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
+    Kd = K.to(dt)
+    V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
+    m = _mask(cl, cl, True, False, C)
+    dS = tl.dot(dOd, tl.trans(V), input_precision=PREC) + dn[:, None]
+    dQ = tl.dot((dS * m).to(dt), Kd, input_precision=PREC)
+    W = dS * tl.dot(Qd, tl.trans(Kd), input_precision=PREC) * m
+    dF = tl.sum(tl.where(o_c[:, None] > o_c[None, :], W, 0.0), 1)
+    D = tl.zeros([C], tl.float32)
+
+    # key tiles to the left (M_ij = exp(F_i - F_j)), nearest first
+    for s in range(t):
+        cols = (t - 1 - s) * C + o_c
+        _, K, _ = _load_features(k_ptr, qk_base, cols, o_k, L, H * DK, DK)
+        Kd = K.to(dt)
+        V = _load_rows(v_ptr, v_base, cols, o_v, L, H * DV, DV)
+        dS = tl.dot(dOd, tl.trans(V), input_precision=PREC) + dn[:, None]
+        _, plj, clj, tot_j = _chunk_gates(g_ptr, g_base, G_STRIDE, cols, L)
+        m = tl.exp((cl + D)[:, None] + (tot_j - clj)[None, :])
+        D += tot_j
+        dS = dS * m
+        dF += tl.sum(dS * tl.dot(Qd, tl.trans(Kd), input_precision=PREC), 1)
+        dQ += tl.dot(dS.to(dt), Kd, input_precision=PREC)
+    _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale))
+    tl.store(df_ptr + n_base + rows * H, dF, mask=rows < L)
+
+
+# Parallel backward, keys and values: one program per (key tile, b, h); docs/lion_math.md section 4.2:
+#   dK_j = sum_i M_ij (v'_j . dO'_i) Q_i,  dv_j = sum_i M_ij (K_j . Q_i) dO_i,  dk = phi'(k)^T dK
+#   and the column halves of the gate terms: dF_j -= sum_{i>j} W_ij.
+# The tiles are transposed (rows j, columns i): S^T = K Q^T and dS^T = v' dO'^T are formed directly,
+# never by transposing a dot result (a Hopper miscompile in Triton 3.4-3.7).
+@triton.jit
+def _lion_s_causal_parallel_bwd_kv(
+    q_ptr, k_ptr, v_ptr,
+    g_ptr, G_ROWED, G_STRIDE, df_ptr,
+    y_ptr, n_ptr, dy_ptr, dk_ptr, dv_ptr,
+    L, H, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+):
+    u = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    g_base = (b * L * H) * G_ROWED + h
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    dt = v_ptr.dtype.element_ty
+    N = tl.cdiv(L, C)
+    rows = u * C + o_c
+    xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
+    Kd = K.to(dt)
+    V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
+    _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L)
+
+    # the diagonal tile
+    _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
+    Qd = (Q * scale).to(dt)
+    dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+    dOd = dO.to(dt)
+    m_t = _mask(cl, cl, False, True, C)  # M_ji
+    S_t = tl.dot(Kd, tl.trans(Qd), input_precision=PREC)
+    dS_t = tl.dot(V, tl.trans(dOd), input_precision=PREC) + dn[None, :]
+    dK = tl.dot((dS_t * m_t).to(dt), Qd, input_precision=PREC)
+    dV = tl.dot((S_t * m_t).to(dt), dOd, input_precision=PREC)
+    W_t = dS_t * S_t * m_t
+    dF = -tl.sum(tl.where(o_c[:, None] < o_c[None, :], W_t, 0.0), 1)
+    D = tl.zeros([C], tl.float32)
+
+    # query tiles to the right (i > j: M_ij = exp(F_i - F_j)), nearest first
+    for i in range(u + 1, N):
+        cols = i * C + o_c
+        _, Q, _ = _load_features(q_ptr, qk_base, cols, o_k, L, H * DK, DK)
+        Qd = (Q * scale).to(dt)
+        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, cols, o_v, L, H, eps, DV)
+        dOd = dO.to(dt)
+        S_t = tl.dot(Kd, tl.trans(Qd), input_precision=PREC)
+        dS_t = tl.dot(V, tl.trans(dOd), input_precision=PREC) + dn[None, :]
+        _, pli, cli, tot_i = _chunk_gates(g_ptr, g_base, G_STRIDE, cols, L)
+        m_t = tl.exp((total - cl + D)[:, None] + cli[None, :])
+        D += tot_i
+        dS_t = dS_t * m_t
+        dF -= tl.sum(dS_t * S_t, 1)  # W_ij = dS_ij M_ij S_ij
+        S_t = S_t * m_t
+        dK += tl.dot(dS_t.to(dt), Qd, input_precision=PREC)
+        dV += tl.dot(S_t.to(dt), dOd, input_precision=PREC)
+    _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xk, K, nk, dK))
+    _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
+    tl.store(df_ptr + n_base + rows * H, dF, mask=rows < L)
+
+
 # ---------------------------------------------------------------------------------------------
 # Host side: the reference form, the launches, autograd, the functional API and the nn.Module.
 
@@ -363,6 +547,10 @@ def _feature_torch(x: torch.Tensor) -> torch.Tensor:
 
 def _log_decay_torch(z: torch.Tensor) -> torch.Tensor:
     return -torch.nn.functional.softplus(z)
+
+
+def _log_decay_grad_torch(z: torch.Tensor) -> torch.Tensor:
+    return -torch.sigmoid(z)
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -430,21 +618,63 @@ def _chunk_backward(q, k, v, gate, y, n, dy, shape, st):
     return dq, dk, dv, dgate.to(gate.dtype)
 
 
-class _ChunkFunction(torch.autograd.Function):
+def _parallel_forward(q, k, v, gate, shape, st):
+    B, L, H = shape.batch, shape.length, shape.heads
+    y = torch.empty_like(v)
+    n = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
+    g, g_rowed, g_stride = _gate_layout(gate, shape)
+    _lion_s_causal_parallel_fwd[(triton.cdiv(L, st.chunk), B * H)](
+        q, k, v,
+        g, g_rowed, g_stride,
+        y, n, L, H, _scale(shape.dk), EPS,
+        DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision,
+    )
+    return y, n
+
+
+def _parallel_backward(q, k, v, gate, y, n, dy, shape, st):
+    B, L, H = shape.batch, shape.length, shape.heads
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    g, g_rowed, g_stride = _gate_layout(gate, shape)
+    # dF, dG: row halves from the query kernel, column halves from the key kernel
+    halves = torch.empty(4 if False else 2, B, L, H, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(L, st.chunk), B * H)
+    common = dict(L=L, H=H, scale=_scale(shape.dk), eps=EPS, DK=shape.dk, DV=shape.dv, BK=st.block_k,
+                  BV=st.block_v, C=st.chunk, PREC=st.precision)
+    _lion_s_causal_parallel_bwd_q[grid](q, k, v, g, g_rowed, g_stride, halves[0], y, n, dy, dq, **common)
+    _lion_s_causal_parallel_bwd_kv[grid](q, k, v, g, g_rowed, g_stride, halves[1], y, n, dy, dk, dv, **common)
+    dF = halves[0] + halves[1]
+
+    def suffix(x: torch.Tensor, inclusive: bool) -> torch.Tensor:  # sum_{m >= s} (inclusive) or m > s
+        total = x.flip(1).cumsum(1).flip(1)
+        return total if inclusive else total - x
+
+    dl = suffix(dF, True)
+    dgate = dl * _log_decay_grad_torch(gate.float())
+    return dq, dk, dv, dgate.to(gate.dtype)
+
+
+_FORWARD = {"chunk": _chunk_forward, "parallel": _parallel_forward}
+_BACKWARD = {"chunk": _chunk_backward, "parallel": _parallel_backward}
+
+
+class _Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, gate, shape, st):
+    def forward(ctx, q, k, v, gate, shape, st, algorithm):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        y, n = _chunk_forward(q, k, v, gate, shape, st)
+        y, n = _FORWARD[algorithm](q, k, v, gate, shape, st)
         ctx.save_for_backward(q, k, v, gate, y, n)
-        ctx.shape, ctx.st = shape, st
+        ctx.shape, ctx.st, ctx.algorithm = shape, st, algorithm
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         q, k, v, gate, y, n = ctx.saved_tensors
-        dq, dk, dv, dgate = _chunk_backward(q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)
-        return dq, dk, dv, dgate, None, None
+        grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)
+        return (*grads, None, None, None)
 
 
 def lion_s_causal(
@@ -460,7 +690,9 @@ def lion_s_causal(
 
     q, k: (B, L, H, Dk) raw projections (the feature map is applied inside); v: (B, L, H, Dv);
     gate: (B, L, H) raw gate inputs z, log-decay l = -softplus(z).
-    Returns (B, L, H, Dv) in the dtype of v. form: "auto", "chunk" or "reference".
+    Returns (B, L, H, Dv) in the dtype of v. form: "auto" (= "chunk" for now), "chunk" (linear in L),
+    "parallel" (tiled attention form, for short sequences) or "reference" (materialized, plain torch).
+    chunk_size: the chunk (chunk form) or tile (parallel form) length, a power of two from 16 to 256.
     """
     shape = check_inputs(q, k, v, gate, FAMILY)
     algorithm = resolve_form(form)
@@ -468,7 +700,7 @@ def lion_s_causal(
         check_chunk_size(chunk_size, DEFAULT_CHUNK)
         return _reference(q, k, v, gate)
     st = kernel_settings(q, shape, chunk_size, DEFAULT_CHUNK)
-    return _ChunkFunction.apply(q, k, v, gate, shape, st)
+    return _Function.apply(q, k, v, gate, shape, st, algorithm)
 
 
 class LionSCausal(torch.nn.Module):

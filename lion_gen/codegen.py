@@ -184,6 +184,7 @@ def render(p: Plan) -> str:
         "log_decay_tl": render_elementwise(p.log_decay, tp) if p.log_decay else None,
         "log_decay_grad_tl": render_elementwise(p.log_decay_grad, tp) if p.log_decay_grad else None,
         "log_decay_torch": render_elementwise(p.log_decay, th) if p.log_decay else None,
+        "log_decay_grad_torch": render_elementwise(p.log_decay_grad, th) if p.log_decay_grad else None,
         "scale_py": PythonPrinter().doprint(p.scale),
         "stages": [(n, p.stages.nodes[n]["kernel"], p.stages.nodes[n]["doc"]) for n in _topo(p)],
     }

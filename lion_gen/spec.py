@@ -121,6 +121,11 @@ def parse_spec(data: object, source: str = "<spec>") -> Spec:
                 raise fail(f"{prefix}{key}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
         return value
 
+    def required(container: dict[str, Any], key: str, field: str) -> object:
+        if key not in container:
+            raise fail(field, "required field missing")
+        return container[key]
+
     def choice(value: object, field: str, options: tuple[str, ...]) -> str:
         if not isinstance(value, str) or value not in options:
             raise fail(field, f"must be one of {', '.join(options)}; got {value!r}")
@@ -139,9 +144,7 @@ def parse_spec(data: object, source: str = "<spec>") -> Spec:
         return expr, str(value).strip()
 
     top = mapping(data, "<top level>", TOP_FIELDS)
-    if "name" not in top:
-        raise fail("name", "required field missing")
-    name = top["name"]
+    name = required(top, "name", "name")
     if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
         raise fail("name", f"must be a Python identifier, got {name!r}")
     if name.startswith("_"):
@@ -149,20 +152,12 @@ def parse_spec(data: object, source: str = "<spec>") -> Spec:
 
     direction = choice(top.get("direction", "bidirectional"), "direction", DIRECTIONS)
 
-    if "feature_map" not in top:
-        raise fail("feature_map", "required field missing")
-    fm = mapping(top["feature_map"], "feature_map", FEATURE_FIELDS)
-    if "expr" not in fm:
-        raise fail("feature_map.expr", "required field missing")
-    phi, phi_text = expression(fm["expr"], "feature_map.expr", "x")
+    fm = mapping(required(top, "feature_map", "feature_map"), "feature_map", FEATURE_FIELDS)
+    phi, phi_text = expression(required(fm, "expr", "feature_map.expr"), "feature_map.expr", "x")
     normalize = choice(fm.get("normalize", "none"), "feature_map.normalize", NORMALIZE)
 
-    if "mask" not in top:
-        raise fail("mask", "required field missing")
-    mk = mapping(top["mask"], "mask", MASK_FIELDS)
-    if "family" not in mk:
-        raise fail("mask.family", "required field missing")
-    family = choice(mk["family"], "mask.family", FAMILIES)
+    mk = mapping(required(top, "mask", "mask"), "mask", MASK_FIELDS)
+    family = choice(required(mk, "family", "mask.family"), "mask.family", FAMILIES)
     log_decay = log_decay_text = None
     if family == "none":
         if "log_decay" in mk:

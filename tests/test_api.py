@@ -43,11 +43,6 @@ LIT = mod("lion_lit").lion_lit
         (lambda q, k, v: S(q.tolist(), k, v, torch.randn(1, 5, 2)), TypeError, ["q", "Tensor"]),
         (lambda q, k, v: S(q, k, v, torch.randn(1, 5, 2), form="fast"), ValueError, ["form", "'chunk'"]),
         (
-            lambda q, k, v: S(q, k, v, torch.randn(1, 5, 2), form="parallel"),
-            ValueError,
-            ["parallel", "not implemented"],
-        ),
-        (
             lambda q, k, v: S(q, k, v, torch.randn(1, 5, 2), form="recurrent"),
             ValueError,
             ["recurrent", "not implemented"],

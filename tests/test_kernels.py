@@ -40,7 +40,7 @@ def make_inputs(mod, B, L, H, dk, dv, device, gate_scale=2.0, seed=0):
     return [t.to(device) if t is not None else None for t in (q, k, v, gate)]
 
 
-def compare(name: str, B, L, H, dk, dv, chunk, device, dtype=torch.float32, gate_scale=2.0):
+def compare(name: str, B, L, H, dk, dv, chunk, device, dtype=torch.float32, gate_scale=2.0, form="chunk"):
     mod = module(name)
     q, k, v, gate = make_inputs(mod, B, L, H, dk, dv, device, gate_scale)
     ins = [t for t in (q, k, v, gate) if t is not None]
@@ -50,7 +50,7 @@ def compare(name: str, B, L, H, dk, dv, chunk, device, dtype=torch.float32, gate
     y_ref.backward(dy)
     test_in = [t.to(dtype) if i < 3 else t for i, t in enumerate(ins)]
     test_in = [t.detach().clone().requires_grad_() for t in test_in]
-    y = getattr(mod, name)(*test_in[:3], test_in[3] if gate is not None else None, form="chunk", chunk_size=chunk)
+    y = getattr(mod, name)(*test_in[:3], test_in[3] if gate is not None else None, form=form, chunk_size=chunk)
     assert y.dtype == dtype and y.shape == (B, L, H, dv)
     y.backward(dy.to(device=device, dtype=dtype))
     tol = TOL[dtype]
@@ -64,20 +64,22 @@ def compare(name: str, B, L, H, dk, dv, chunk, device, dtype=torch.float32, gate
         assert t.grad.shape == t.shape and t.grad.dtype == t.dtype
         errors[label] = rel_rms(t.grad.cpu(), r.grad, 0.0 if label == "v" else floor)
     bad = {key: e for key, e in errors.items() if not e <= tol}
-    assert not bad, f"{name} L={L} C={chunk} dk={dk} dv={dv} {dtype}: errors above {tol}: {bad} (all: {errors})"
+    assert not bad, f"{name} {form} L={L} C={chunk} dk={dk} dv={dv} {dtype}: errors above {tol}: {bad} (all: {errors})"
 
 
+@pytest.mark.parametrize("form", ["chunk", "parallel"])
 @pytest.mark.parametrize("chunk", [16, 64])
 @pytest.mark.parametrize("L", [1, 7, 37, 130])
 @pytest.mark.parametrize("name", SPECS)
-def test_chunk_matches_float64(name, L, chunk, device):
-    compare(name, 2, L, 2, 32, 16, chunk, device)
+def test_kernels_match_float64(name, L, chunk, form, device):
+    compare(name, 2, L, 2, 32, 16, chunk, device, form=form)
 
 
+@pytest.mark.parametrize("form", ["chunk", "parallel"])
 @pytest.mark.parametrize("dk,dv", [(16, 16), (64, 64), (16, 64)])
 @pytest.mark.parametrize("name", SPECS)
-def test_head_dims(name, dk, dv, device):
-    compare(name, 1, 130, 2, dk, dv, 16, device)
+def test_head_dims(name, dk, dv, form, device):
+    compare(name, 1, 130, 2, dk, dv, 16, device, form=form)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -86,20 +88,22 @@ def test_half_precision(name, dtype, device):
     if dtype == torch.bfloat16 and INTERPRETED:
         pytest.skip("the Triton interpreter computes bfloat16 tl.dot wrongly (x @ x.T off by 1e10); GPU only")
     compare(name, 1, 37, 2, 32, 32, 16, device, dtype=dtype)
+    compare(name, 1, 37, 2, 32, 32, 16, device, dtype=dtype, form="parallel")
 
 
+@pytest.mark.parametrize("form", ["chunk", "parallel"])
 @pytest.mark.parametrize("name", ["lion_s", "lion_s_sym", "lion_s_causal"])
-def test_strong_gates_stay_finite_and_exact(name, device):
+def test_strong_gates_stay_finite_and_exact(name, form, device):
     """Gates of magnitude up to 50 (log-gates near -50 per step): no NaN/inf, still exact."""
     mod = module(name)
     q, k, v, _ = make_inputs(mod, 1, 70, 2, 16, 16, device)
     gate = (torch.rand(1, 70, 2) * 100 - 50).to(device).requires_grad_()
     ins = [t.requires_grad_() for t in (q, k, v)]
-    y = getattr(mod, name)(*ins, gate, chunk_size=16)
+    y = getattr(mod, name)(*ins, gate, chunk_size=16, form=form)
     y.sum().backward()
     for t in (y, *[t.grad for t in ins], gate.grad):
         assert torch.isfinite(t).all()
-    compare(name, 1, 70, 2, 16, 16, 16, device, gate_scale=25.0)
+    compare(name, 1, 70, 2, 16, 16, 16, device, gate_scale=25.0, form=form)
 
 
 @pytest.mark.parametrize("name", SPECS)

@@ -73,8 +73,8 @@ def resolve_form(form: object) -> str:
         raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
     if form == "auto":
         return "chunk"
-    if form in ("parallel", "recurrent"):
-        raise ValueError(f"form={form!r} is not implemented yet; use form='chunk' or form='reference'")
+    if form == "recurrent":
+        raise ValueError("form='recurrent' is not implemented yet; use form='chunk', 'parallel' or 'reference'")
     return form
 
 
