@@ -141,7 +141,7 @@ def _load_features(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr):
     x = tl.load(ptr + base + rows[:, None].to(tl.int64) * STRIDE + cols[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     phi = tl.where(mask, _feature(x), 0.0)
-    norm = tl.maximum(tl.sqrt(tl.sum(phi * phi, 1)), 1e-12)
+    norm = tl.where(rows < L, tl.maximum(tl.sqrt(tl.sum(phi * phi, 1)), 1e-12), 1.0)  # 1 on padding rows
     phi = phi / norm[:, None]
     return x, phi, norm
 

@@ -4,7 +4,8 @@
     lion-gen --check [--specs DIR] [--out DIR]      exit 1 if any file under --out differs from its spec's output
     lion-gen explain SPEC.yaml                      print the derived equations, facts and stages
 
-Exit codes: 0 ok, 1 --check found stale files, 2 a bad spec or bad arguments (nothing is written).
+Exit codes: 0 ok, 1 --check found stale files, 2 a bad spec or bad arguments (nothing is written),
+3 an internal error of lion-gen (a bug: please report it with the spec).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .codegen import render, write_atomic
 from .planner import plan
 from .spec import SpecError, load_spec
 
-EXIT_OK, EXIT_STALE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_STALE, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,6 +128,14 @@ def explain(path: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except Exception as e:  # a bug in lion-gen, not in the spec: say so in one line, exit 3
+        print(f"lion-gen: internal error: {type(e).__name__}: {e} (please report it with the spec)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     try:
         if args_list[:1] == ["explain"]:

@@ -128,7 +128,7 @@ class Interval:
 def _safe(f: Callable[[float], float], v: float) -> float:
     try:
         return f(v)
-    except OverflowError:
+    except (OverflowError, ZeroDivisionError):
         return math.inf
     except ValueError:
         return -math.inf  # log(0) and the like: the limit from above
@@ -271,7 +271,11 @@ def parse_expression(text: object, symbol: str) -> sp.Expr:
     except SyntaxError as e:
         raise ExpressionError(f"does not parse: {src!r} ({e.msg})") from None
     sym = sp.Symbol(symbol, real=True)
-    return _to_sympy(tree.body, sym, src)
+    expr = _to_sympy(tree.body, sym, src)
+    bad = [a for a in expr.atoms(sp.Number, sp.NumberSymbol) if not a.is_finite or not a.is_real]
+    if bad or expr.has(sp.zoo, sp.nan, sp.oo, -sp.oo, sp.I):
+        raise ExpressionError(f"{src!r} contains a constant that is not a finite real number ({sp.sstr(expr)})")
+    return expr
 
 
 _BINOPS: dict[type, Callable[[sp.Expr, sp.Expr], sp.Expr]] = {
@@ -289,6 +293,8 @@ def _to_sympy(node: ast.AST, sym: sp.Symbol, src: str) -> sp.Expr:
             raise ExpressionError(f"unsupported constant {node.value!r} in {src!r}")
         if isinstance(node.value, int):
             return sp.Integer(node.value)
+        if not math.isfinite(node.value):
+            raise ExpressionError(f"the constant {node.value!r} in {src!r} is not finite")
         return sp.nsimplify(node.value, rational=True) if float(node.value).is_integer() else sp.Float(node.value)
     if isinstance(node, ast.Name):
         if node.id == sym.name:

@@ -53,25 +53,22 @@ def _recip(a: Interval) -> Interval:
 
 
 def _pow(base: Interval, e: sp.Expr) -> Interval:
+    if not (e.is_number and e.is_real):
+        return Interval.real()
     if e.is_Integer:
         n = int(e)
         if n == 0:
             return Interval.point(1.0)
+        inner = _abs_iv(base) if n % 2 == 0 else base
         mag = abs(n)
-        if mag % 2 == 0:
-            inner = _abs_iv(base)
-        else:
-            inner = base
         r = increasing(lambda v: math.copysign(abs(v) ** mag, v) if not math.isinf(v) else v)(inner)
         return r if n > 0 else _recip(r)
-    if base.lo >= 0 and e.is_number:
-        ev = float(e)
-        nonneg = Interval(base.lo, base.hi, base.lo_open, base.hi_open)
-        r = increasing(lambda v: v**ev if v != math.inf else math.inf)(nonneg)
-        if ev > 0:
-            return r
-        return _recip(r)
-    return Interval.real()
+    if base.lo < 0:  # a fractional power of a negative number is not real: no bound
+        return Interval.real()
+    if e < 0:  # u**(-p) = 1 / u**p: the positive power is increasing, its reciprocal decreasing
+        return _recip(_pow(base, -e))
+    ev = float(e)
+    return increasing(lambda v: v**ev)(base)
 
 
 def _abs_iv(a: Interval) -> Interval:
