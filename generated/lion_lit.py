@@ -51,7 +51,15 @@ import torch
 import triton
 import triton.language as tl
 
-from lion_gen.runtime import check_chunk_size, check_inputs, check_scale, kernel_settings, lion_reference, resolve_form
+from lion_gen.runtime import (
+    check_chunk_size,
+    check_inputs,
+    check_scale,
+    kernel_settings,
+    launch,
+    lion_reference,
+    resolve_form,
+)
 
 SPEC = {'name': 'lion_lit', 'direction': 'bidirectional', 'feature_map': {'expr': 'elu(x) + 1', 'normalize': 'none'}, 'mask': {'family': 'none'}, 'normalize_rows': True, 'scale': '1', 'eps': 1e-06, 'chunk_size': None, 'allow_unproven': False}
 
@@ -149,7 +157,7 @@ def _mask(Fa, Gb, LOWER: tl.constexpr, UPPER: tl.constexpr, C: tl.constexpr):
 # Chunkwise forward, mask none (one program per (b, h); docs/lion_math.md section 3.3, LIT case):
 #   S = sum_j K_j v_j^T,  z = sum_j K_j              (one global state, no scan, no intra-chunk mask)
 #   y_i = Q_i S / (Q_i . z + eps)
-@triton.jit
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
 def _lion_lit_chunk_fwd(
     q_ptr, k_ptr, v_ptr,
     y_ptr, n_ptr,
@@ -192,7 +200,7 @@ def _lion_lit_chunk_fwd(
 #   dK_j = sum_i (v'_j . dO'_i) Q_i = v_j D^T + e,        D = sum_i Q_i dO_i^T
 #   dv_j = sum_i (K_j . Q_i) dO_i  = K_j D
 #   dq = phi'(q)^T (scale dQ),  dk = phi'(k)^T dK
-@triton.jit
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
 def _lion_lit_chunk_bwd(
     q_ptr, k_ptr, v_ptr,
     y_ptr, n_ptr, dy_ptr, dq_ptr, dk_ptr, dv_ptr,
@@ -244,7 +252,7 @@ def _lion_lit_chunk_bwd(
 
 # Parallel (tiled attention) forward: one program per (query tile, b, h); docs/lion_math.md section 3.3:
 #   y_i = sum_j A_ij v_j / (sum_j A_ij + eps),   A_ij = M_ij (Q_i . K_j), over all key tiles.
-@triton.jit
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
 def _lion_lit_parallel_fwd(
     q_ptr, k_ptr, v_ptr,
     y_ptr, n_ptr,
@@ -300,7 +308,7 @@ def _lion_lit_parallel_fwd(
 
 # Parallel backward, queries: one program per (query tile, b, h); docs/lion_math.md section 4:
 #   dQ_i = sum_j M_ij (dO'_i . v'_j) K_j,  dq = phi'(q)^T (scale dQ)
-@triton.jit
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
 def _lion_lit_parallel_bwd_q(
     q_ptr, k_ptr, v_ptr,
     y_ptr, n_ptr, dy_ptr, dq_ptr,
@@ -360,7 +368,7 @@ def _lion_lit_parallel_bwd_q(
 #   dK_j = sum_i M_ij (v'_j . dO'_i) Q_i,  dv_j = sum_i M_ij (K_j . Q_i) dO_i,  dk = phi'(k)^T dK
 # The tiles are transposed (rows j, columns i): S^T = K Q^T and dS^T = v' dO'^T are formed directly,
 # never by transposing a dot result (a Hopper miscompile in Triton 3.4-3.7).
-@triton.jit
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
 def _lion_lit_parallel_bwd_kv(
     q_ptr, k_ptr, v_ptr,
     y_ptr, n_ptr, dy_ptr, dk_ptr, dv_ptr,
@@ -463,7 +471,9 @@ def _chunk_forward(q, k, v, gate, shape, st):
     B, L, H = shape.batch, shape.length, shape.heads
     y = torch.empty_like(v)
     n = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
-    _lion_lit_chunk_fwd[(B * H,)](
+    launch(
+        _lion_lit_chunk_fwd,
+        (B * H,),
         q, k, v,
         y, n,
         L, H, _scale(shape.dk), EPS,
@@ -477,7 +487,9 @@ def _chunk_backward(q, k, v, gate, y, n, dy, shape, st):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    _lion_lit_chunk_bwd[(B * H,)](
+    launch(
+        _lion_lit_chunk_bwd,
+        (B * H,),
         q, k, v,
         y, n, dy, dq, dk, dv,
         L, H, _scale(shape.dk), EPS,
@@ -490,7 +502,9 @@ def _parallel_forward(q, k, v, gate, shape, st):
     B, L, H = shape.batch, shape.length, shape.heads
     y = torch.empty_like(v)
     n = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
-    _lion_lit_parallel_fwd[(triton.cdiv(L, st.chunk), B * H)](
+    launch(
+        _lion_lit_parallel_fwd,
+        (triton.cdiv(L, st.chunk), B * H),
         q, k, v,
         y, n, L, H, _scale(shape.dk), EPS,
         DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision,
@@ -507,8 +521,8 @@ def _parallel_backward(q, k, v, gate, y, n, dy, shape, st):
     common = dict(L=L, H=H, scale=_scale(shape.dk), eps=EPS, DK=shape.dk, DV=shape.dv, BK=st.block_k,
                   BV=st.block_v, C=st.chunk, PREC=st.precision)
     grid_args = (q, k, v, y, n, dy)
-    _lion_lit_parallel_bwd_q[grid](*grid_args, dq, **common)
-    _lion_lit_parallel_bwd_kv[grid](*grid_args, dk, dv, **common)
+    launch(_lion_lit_parallel_bwd_q, grid, *grid_args, dq, **common)
+    launch(_lion_lit_parallel_bwd_kv, grid, *grid_args, dk, dv, **common)
     return dq, dk, dv, None
 
 

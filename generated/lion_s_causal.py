@@ -64,7 +64,15 @@ import torch
 import triton
 import triton.language as tl
 
-from lion_gen.runtime import check_chunk_size, check_inputs, check_scale, kernel_settings, lion_reference, resolve_form
+from lion_gen.runtime import (
+    check_chunk_size,
+    check_inputs,
+    check_scale,
+    kernel_settings,
+    launch,
+    lion_reference,
+    resolve_form,
+)
 
 SPEC = {'name': 'lion_s_causal', 'direction': 'causal', 'feature_map': {'expr': 'silu(x) + 1/2', 'normalize': 'l2'}, 'mask': {'family': 'selective', 'log_decay': '-softplus(z)'}, 'normalize_rows': True, 'scale': '1', 'eps': 1e-06, 'chunk_size': None, 'allow_unproven': False}
 
@@ -193,7 +201,7 @@ def _chunk_gates(g_ptr, g_base, g_stride, rows, L):
 #   v' = [v, 1]: the ones column (kept as the vector z) gives the row sum n_i.
 # Potentials are chunk-local fp32 prefix sums (pl: exclusive, cl: inclusive), so every exponent
 # is a difference <= 0.
-@triton.jit
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
 def _lion_s_causal_chunk_fwd(
     q_ptr, k_ptr, v_ptr,
     g_ptr, G_ROWED, G_STRIDE,
@@ -245,7 +253,7 @@ def _lion_s_causal_chunk_fwd(
 # dot result (a Hopper miscompile in Triton 3.4-3.7).
 # Gate: W_ij = dS_ij S_ij M_ij; dF_m = Q_m . dQ^low_m - K_m . dK^low_m,
 #   dl_s = sum_(m+1>s) dF_m (suffix sums carried right to left), dgate = dl * dl/dz.
-@triton.jit
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
 def _lion_s_causal_chunk_bwd(
     q_ptr, k_ptr, v_ptr,
     g_ptr, G_ROWED, G_STRIDE,
@@ -354,7 +362,7 @@ def _lion_s_causal_chunk_bwd(
 # from the query tile, carrying D = the sum of the log-gates of the tiles strictly between, so that
 #   F_i - F_j = (F_i - P_st(i)) + D + (T_j - (F_j - P_st(j)))       (key tile left of the query tile)
 # with T the tile's total log-gate: every term is <= 0, and no global prefix sum loses precision.
-@triton.jit
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
 def _lion_s_causal_parallel_fwd(
     q_ptr, k_ptr, v_ptr,
     g_ptr, G_ROWED, G_STRIDE,
@@ -407,7 +415,7 @@ def _lion_s_causal_parallel_fwd(
 # Parallel backward, queries: one program per (query tile, b, h); docs/lion_math.md section 4:
 #   dQ_i = sum_j M_ij (dO'_i . v'_j) K_j,  dq = phi'(q)^T (scale dQ)
 #   and the row halves of the gate terms: dF_i += sum_{j<i} W_ij,  W = dS o S o M.
-@triton.jit
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
 def _lion_s_causal_parallel_bwd_q(
     q_ptr, k_ptr, v_ptr,
     g_ptr, G_ROWED, G_STRIDE, df_ptr,
@@ -469,7 +477,7 @@ def _lion_s_causal_parallel_bwd_q(
 #   and the column halves of the gate terms: dF_j -= sum_{i>j} W_ij.
 # The tiles are transposed (rows j, columns i): S^T = K Q^T and dS^T = v' dO'^T are formed directly,
 # never by transposing a dot result (a Hopper miscompile in Triton 3.4-3.7).
-@triton.jit
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
 def _lion_s_causal_parallel_bwd_kv(
     q_ptr, k_ptr, v_ptr,
     g_ptr, G_ROWED, G_STRIDE, df_ptr,
@@ -585,7 +593,9 @@ def _chunk_forward(q, k, v, gate, shape, st):
     y = torch.empty_like(v)
     n = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
     g, g_rowed, g_stride = _gate_layout(gate, shape)
-    _lion_s_causal_chunk_fwd[(B * H,)](
+    launch(
+        _lion_s_causal_chunk_fwd,
+        (B * H,),
         q, k, v,
         g, g_rowed, g_stride,
         y, n,
@@ -606,7 +616,9 @@ def _chunk_backward(q, k, v, gate, y, n, dy, shape, st):
     df_acc = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
     g, g_rowed, g_stride = _gate_layout(gate, shape)
     dgate = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
-    _lion_s_causal_chunk_bwd[(B * H,)](
+    launch(
+        _lion_s_causal_chunk_bwd,
+        (B * H,),
         q, k, v,
         g, g_rowed, g_stride,
         y, n, dy, dq, dk, dv,
@@ -623,7 +635,9 @@ def _parallel_forward(q, k, v, gate, shape, st):
     y = torch.empty_like(v)
     n = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
     g, g_rowed, g_stride = _gate_layout(gate, shape)
-    _lion_s_causal_parallel_fwd[(triton.cdiv(L, st.chunk), B * H)](
+    launch(
+        _lion_s_causal_parallel_fwd,
+        (triton.cdiv(L, st.chunk), B * H),
         q, k, v,
         g, g_rowed, g_stride,
         y, n, L, H, _scale(shape.dk), EPS,
@@ -643,8 +657,8 @@ def _parallel_backward(q, k, v, gate, y, n, dy, shape, st):
     grid = (triton.cdiv(L, st.chunk), B * H)
     common = dict(L=L, H=H, scale=_scale(shape.dk), eps=EPS, DK=shape.dk, DV=shape.dv, BK=st.block_k,
                   BV=st.block_v, C=st.chunk, PREC=st.precision)
-    _lion_s_causal_parallel_bwd_q[grid](q, k, v, g, g_rowed, g_stride, halves[0], y, n, dy, dq, **common)
-    _lion_s_causal_parallel_bwd_kv[grid](q, k, v, g, g_rowed, g_stride, halves[1], y, n, dy, dk, dv, **common)
+    launch(_lion_s_causal_parallel_bwd_q, grid, q, k, v, g, g_rowed, g_stride, halves[0], y, n, dy, dq, **common)
+    launch(_lion_s_causal_parallel_bwd_kv, grid, q, k, v, g, g_rowed, g_stride, halves[1], y, n, dy, dk, dv, **common)
     dF = halves[0] + halves[1]
 
     def suffix(x: torch.Tensor, inclusive: bool) -> torch.Tensor:  # sum_{m >= s} (inclusive) or m > s

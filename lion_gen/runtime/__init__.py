@@ -8,6 +8,7 @@ from .checks import (
     kernel_settings,
     resolve_form,
 )
+from .launch import launch
 from .reference import lion_reference
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "check_inputs",
     "check_scale",
     "kernel_settings",
+    "launch",
     "lion_reference",
     "resolve_form",
 ]
