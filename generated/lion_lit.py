@@ -274,8 +274,9 @@ def _lion_lit_parallel_fwd(
     rows = t * C + o_c
     _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
     Qd = (Q * scale).to(dt)
-    pl = tl.zeros([C], tl.float32)
+    pl = tl.zeros([C], tl.float32)  # no mask: flat potentials
     cl = pl
+    total = tl.sum(pl, 0)
 
     # the diagonal tile
     _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
@@ -333,8 +334,9 @@ def _lion_lit_parallel_bwd_q(
     Qd = Q.to(dt)
     dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
     dOd = dO.to(dt)
-    pl = tl.zeros([C], tl.float32)
+    pl = tl.zeros([C], tl.float32)  # no mask: flat potentials
     cl = pl
+    total = tl.sum(pl, 0)
 
     # the diagonal tile
     _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
@@ -391,8 +393,9 @@ def _lion_lit_parallel_bwd_kv(
     xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
     Kd = K.to(dt)
     V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-    pl = tl.zeros([C], tl.float32)
+    pl = tl.zeros([C], tl.float32)  # no mask: flat potentials
     cl = pl
+    total = tl.sum(pl, 0)
 
     # the diagonal tile
     _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)

@@ -211,7 +211,6 @@ class FunctionInfo:
     build: Callable[..., sp.Expr]  # SymPy constructor
     triton: str  # lowering template; {0}, {1} are the printed arguments
     torch: str
-    numpy: Callable[..., object] | None = None  # for tests and lambdify-based oracles
 
 
 # Triton lowerings call small @triton.jit helpers that every generated module defines

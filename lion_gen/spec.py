@@ -12,7 +12,6 @@ import yaml
 
 from .functions import ExpressionError, parse_expression
 
-SCHEMA_VERSION = 1
 DIRECTIONS = ("bidirectional", "causal")
 FAMILIES = ("none", "decay", "selective")
 ALIGNMENTS = ("lion", "symmetric")

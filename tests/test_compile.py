@@ -20,7 +20,7 @@ from triton.runtime.errors import OutOfResources
 
 from lion_gen.runtime import launch
 
-SPECS = ["lion_lit", "lion_d", "lion_s", "lion_s_causal", "lion_s_sym"]
+SPECS = ["lion_lit", "lion_d", "lion_s", "lion_s_causal", "lion_s_sym", "linear_causal", "retention"]
 H100_SHARED = 232448  # bytes of shared memory one block may use on sm_90
 TYPED_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "y_ptr", "dy_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
 ROOT = Path(__file__).resolve().parent.parent

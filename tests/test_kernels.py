@@ -13,7 +13,7 @@ import oracle
 import pytest
 import torch
 
-SPECS = ["lion_lit", "lion_d", "lion_s", "lion_s_causal", "lion_s_sym"]
+SPECS = ["lion_lit", "lion_d", "lion_s", "lion_s_causal", "lion_s_sym", "linear_causal", "retention"]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TOL = {torch.float32: 1e-5 if INTERPRETED else 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -55,16 +55,31 @@ def compare(name: str, B, L, H, dk, dv, chunk, device, dtype=torch.float32, gate
     y.backward(dy.to(device=device, dtype=dtype))
     tol = TOL[dtype]
     errors = {"y": rel_rms(y.cpu(), y_ref.detach())}
-    # At L = 1 with normalized rows the exact gradients of q, k (and the gate's, which is 0) are pure eps
-    # effects, about eps/n times the terms that cancel in them; fp32 cannot resolve them relative to
-    # themselves, so there they are measured against rms(dY), the size of those terms.
-    floor = dy.pow(2).mean().sqrt().item() if L == 1 and mod.SPEC["normalize_rows"] else 0.0
+    # At L = 1 with normalized rows the exact gradients of q and k are pure eps effects, about eps/n times
+    # the terms that cancel in them, and the gate's is exactly 0 (no off-diagonal pairs): fp32 cannot
+    # resolve them relative to themselves, so there they are measured against rms(dY), the size of those terms.
+    scale = dy.pow(2).mean().sqrt().item()
+    floor = {
+        "q": scale if L == 1 and mod.SPEC["normalize_rows"] else 0.0,
+        "k": scale if L == 1 and mod.SPEC["normalize_rows"] else 0.0,
+        "v": 0.0,
+        "gate": scale if L == 1 else 0.0,
+    }
     for label, t, r in zip(["q", "k", "v", "gate"], test_in, ref_in, strict=False):
         assert t.grad is not None, f"no gradient for {label}"
         assert t.grad.shape == t.shape and t.grad.dtype == t.dtype
-        errors[label] = rel_rms(t.grad.cpu(), r.grad, 0.0 if label == "v" else floor)
-    bad = {key: e for key, e in errors.items() if not e <= tol}
-    assert not bad, f"{name} {form} L={L} C={chunk} dk={dk} dv={dv} {dtype}: errors above {tol}: {bad} (all: {errors})"
+        errors[label] = rel_rms(t.grad.cpu(), r.grad, floor[label])
+    limits = {key: tol for key in errors}
+    if gate is not None and dtype == torch.float32 and L > 1:
+        # The gate's gradient sums W_ij over all pairs (for a decay mask, into one number per head) and
+        # cancels heavily: fp32 arithmetic cannot promise 1e-5 on it (the plain fp32 materialized form
+        # reaches 2e-5 on lion_d at L = 130 for some seeds). There the bound is what fp32 reaches on the same
+        # inputs, up to the factor 5 that a different summation order gave across seeds, if that is larger.
+        plain = [t.detach().cpu().float().requires_grad_() for t in ins]
+        getattr(mod, name)(*plain, form="reference").backward(dy.float())
+        limits["gate"] = max(tol, 5 * rel_rms(plain[3].grad, ref_in[3].grad))
+    bad = {key: e for key, e in errors.items() if not e <= limits[key]}
+    assert not bad, f"{name} {form} L={L} C={chunk} dk={dk} dv={dv} {dtype}: above {limits}: {bad} (all: {errors})"
 
 
 @pytest.mark.parametrize("form", ["chunk", "parallel"])
