@@ -26,7 +26,8 @@
 #   y_i = sum_j A_ij v_j
 #
 # Facts the planner checked:
-#   (none needed)
+#   phi(x) = elu(x) + 1 is defined for every real x: proved (every log, root and division is defined for x in (-inf, inf))
+#   scale = 1/sqrt(d) is defined for every head dim d >= 1: proved (every log, root and division is defined for d in [1, inf))
 #
 # Kernel stages (after specialization), in launch order:
 #   forward: features: Q = scale phi(q), K = phi(k)
@@ -58,6 +59,7 @@ from lion_gen.runtime import (
     kernel_settings,
     launch,
     lion_reference,
+    on_device,
     resolve_form,
 )
 
@@ -158,7 +160,7 @@ def _mask(Fa, Gb, LOWER: tl.constexpr, UPPER: tl.constexpr, C: tl.constexpr):
 #   H^F_(n+1) = exp(P_en - P_st) H^F_n + sum_j exp(P_en - F_j) K_j v'_j^T
 #   v' = [v, 1]: the ones column (kept as the vector z) gives the row sum n_i.
 # Potentials are chunk-local fp32 prefix sums (pl: exclusive, cl: inclusive), so every exponent
-# is a difference <= 0.
+# is a difference <= 0. Carried states stay fp32, in their dots too (a float16 state overflows).
 @triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
 def _linear_causal_chunk_fwd(
     q_ptr, k_ptr, v_ptr,
@@ -192,7 +194,7 @@ def _linear_causal_chunk_fwd(
         A = tl.dot(Q.to(dt), tl.trans(K).to(dt), input_precision=PREC) * _mask(cl, cl, True, False, C)
         wq = tl.exp(cl)
         num = tl.dot(A.to(dt), V, input_precision=PREC)
-        num += wq[:, None] * tl.dot(Q.to(dt), state.to(dt), input_precision=PREC)
+        num += wq[:, None] * tl.dot(Q, state, input_precision=PREC)
         _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, num)
         Kw = K * tl.exp(total - cl)[:, None]
         state = tl.exp(total) * state + tl.dot(tl.trans(Kw).to(dt), V, input_precision=PREC)
@@ -250,7 +252,7 @@ def _linear_causal_chunk_bwd(
         dQ = tl.dot((dS * m).to(dt), Kd, input_precision=PREC)
         dK = tl.dot((dS_t * m_t).to(dt), Qd, input_precision=PREC)
         dV = tl.dot((S_t * m_t).to(dt), dOd, input_precision=PREC)
-        dq_low = tl.exp(cl)[:, None] * (tl.dot(dOd, hf_t.to(dt), input_precision=PREC))
+        dq_low = tl.exp(cl)[:, None] * (tl.dot(dO, hf_t, input_precision=PREC))
         dQ += dq_low
         _store_rows(dq_acc, qk_base, rows, o_k, L, H * DK, DK, dQ)
         _store_rows(dk_acc, qk_base, rows, o_k, L, H * DK, DK, dK)
@@ -279,9 +281,9 @@ def _linear_causal_chunk_bwd(
         dK = _load_rows(dk_acc, qk_base, rows, o_k, L, H * DK, DK)
         dV = _load_rows(dv_acc, v_base, rows, o_v, L, H * DV, DV)
         wf = tl.exp(total - cl)[:, None]
-        dk_low = wf * (tl.dot(V, dl_t.to(dt), input_precision=PREC))
+        dk_low = wf * (tl.dot(V.to(tl.float32), dl_t, input_precision=PREC))
         dK += dk_low
-        dV += wf * tl.dot(Kd, dl_s.to(dt), input_precision=PREC)
+        dV += wf * tl.dot(K, dl_s, input_precision=PREC)
         _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale))
         _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xk, K, nk, dK))
         _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
@@ -548,7 +550,8 @@ class _Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gate, shape, st, algorithm):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        y, n = _FORWARD[algorithm](q, k, v, gate, shape, st)
+        with on_device(q):
+            y, n = _FORWARD[algorithm](q, k, v, gate, shape, st)
         ctx.save_for_backward(q, k, v, gate, y, n)
         ctx.shape, ctx.st, ctx.algorithm = shape, st, algorithm
         return y
@@ -557,7 +560,8 @@ class _Function(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         q, k, v, gate, y, n = ctx.saved_tensors
-        grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)
+        with on_device(q):
+            grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)
         return (*grads, None, None, None)
 
 

@@ -26,6 +26,8 @@
 #   y_i = sum_j A_ij v_j / (sum_j A_ij + 1e-06)
 #
 # Facts the planner checked:
+#   phi(x) = elu(x) + 1 is defined for every real x: proved (every log, root and division is defined for x in (-inf, inf))
+#   scale = 1 is defined for every head dim d >= 1: proved (every log, root and division is defined for d in [1, inf))
 #   phi(x) = elu(x) + 1 > 0 (normalize_rows: true): proved (its range over x in (-inf, inf) is within (0, inf))
 #   scale = 1 > 0 for d >= 1 (normalize_rows: true): proved (by SymPy's assumptions)
 #
@@ -58,6 +60,7 @@ from lion_gen.runtime import (
     kernel_settings,
     launch,
     lion_reference,
+    on_device,
     resolve_form,
 )
 
@@ -188,7 +191,7 @@ def _lion_lit_chunk_fwd(
         rows = n * C + o_c
         _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
         Q = Q * scale
-        y = tl.dot(Q.to(dt), state.to(dt), input_precision=PREC)
+        y = tl.dot(Q, state, input_precision=PREC)
         den = tl.sum(Q * z[None, :], 1)
         tl.store(n_ptr + n_base + rows * H, den, mask=rows < L)
         y = y / (den + eps)[:, None]
@@ -242,9 +245,9 @@ def _lion_lit_chunk_bwd(
         xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
         dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
-        dQ = tl.dot(dO.to(dt), state_t.to(dt), input_precision=PREC) + dn[:, None] * z[None, :]
-        dK = tl.dot(V, D_t.to(dt), input_precision=PREC) + e[None, :]
-        dV = tl.dot(K.to(dt), D.to(dt), input_precision=PREC)
+        dQ = tl.dot(dO, state_t, input_precision=PREC) + dn[:, None] * z[None, :]
+        dK = tl.dot(V.to(tl.float32), D_t, input_precision=PREC) + e[None, :]
+        dV = tl.dot(K, D, input_precision=PREC)
         _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale))
         _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xk, K, nk, dK))
         _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
@@ -537,7 +540,8 @@ class _Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gate, shape, st, algorithm):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        y, n = _FORWARD[algorithm](q, k, v, gate, shape, st)
+        with on_device(q):
+            y, n = _FORWARD[algorithm](q, k, v, gate, shape, st)
         ctx.save_for_backward(q, k, v, gate, y, n)
         ctx.shape, ctx.st, ctx.algorithm = shape, st, algorithm
         return y
@@ -546,7 +550,8 @@ class _Function(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         q, k, v, gate, y, n = ctx.saved_tensors
-        grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)
+        with on_device(q):
+            grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)
         return (*grads, None, None, None)
 
 

@@ -34,6 +34,9 @@
 #   dl_s = sum_(m+0>s) dF_m + sum_(m+1>s) dG_m,  dgate = dl * d log_decay/dz
 #
 # Facts the planner checked:
+#   phi(x) = silu(x) + 1/2 is defined for every real x: proved (every log, root and division is defined for x in (-inf, inf))
+#   scale = 1 is defined for every head dim d >= 1: proved (every log, root and division is defined for d in [1, inf))
+#   log_decay(z) = -softplus(z) is defined: proved (every log, root and division is defined for z in (-inf, inf))
 #   phi(x) = silu(x) + 1/2 > 0 (normalize_rows: true): proved (its range over x in (-inf, inf) is within [0.221535, inf])
 #   scale = 1 > 0 for d >= 1 (normalize_rows: true): proved (by SymPy's assumptions)
 #   log_decay(z) = -softplus(z) <= 0: proved (by SymPy's assumptions)
@@ -74,6 +77,7 @@ from lion_gen.runtime import (
     kernel_settings,
     launch,
     lion_reference,
+    on_device,
     resolve_form,
 )
 
@@ -205,7 +209,7 @@ def _chunk_gates(g_ptr, g_base, g_stride, rows, L):
 #   H^B_(n-1) = exp(P_en - P_st) H^B_n + sum_j exp(G_j - P_st) K_j v'_j^T
 #   v' = [v, 1]: the ones column (kept as the vector z) gives the row sum n_i.
 # Potentials are chunk-local fp32 prefix sums (pl: exclusive, cl: inclusive), so every exponent
-# is a difference <= 0.
+# is a difference <= 0. Carried states stay fp32, in their dots too (a float16 state overflows).
 @triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
 def _lion_s_chunk_fwd(
     q_ptr, k_ptr, v_ptr,
@@ -241,7 +245,7 @@ def _lion_s_chunk_fwd(
         A = tl.dot(Q.to(dt), tl.trans(K).to(dt), input_precision=PREC) * _mask(pl, cl, True, True, C)
         wq = tl.exp(pl)
         num = tl.dot(A.to(dt), V, input_precision=PREC)
-        num += wq[:, None] * tl.dot(Q.to(dt), state.to(dt), input_precision=PREC)
+        num += wq[:, None] * tl.dot(Q, state, input_precision=PREC)
         den = tl.sum(A, 1) + wq * tl.sum(Q * z[None, :], 1)
         _store_rows(acc_ptr, v_base, rows, o_v, L, H * DV, DV, num)
         tl.store(n_ptr + n_base + rows * H, den, mask=rows < L)
@@ -262,7 +266,7 @@ def _lion_s_chunk_fwd(
         _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L)
         wq = tl.exp(total - cl)
         num = _load_rows(acc_ptr, v_base, rows, o_v, L, H * DV, DV)
-        num += wq[:, None] * tl.dot(Q.to(dt), state.to(dt), input_precision=PREC)
+        num += wq[:, None] * tl.dot(Q, state, input_precision=PREC)
         den = tl.load(n_ptr + n_base + rows * H, mask=rows < L, other=0.0) + wq * tl.sum(Q * z[None, :], 1)
         tl.store(n_ptr + n_base + rows * H, den, mask=rows < L)
         num = num / (den + eps)[:, None]
@@ -337,13 +341,13 @@ def _lion_s_chunk_bwd(
         dF = tl.sum(W_low, 1) - tl.sum(W_low, 0)
         W_up = tl.where(o_r < o_s, W, 0.0)
         dG = tl.sum(W_up, 0) - tl.sum(W_up, 1)
-        dq_low = tl.exp(pl)[:, None] * (tl.dot(dOd, hf_t.to(dt), input_precision=PREC) + dn[:, None] * zf[None, :])
+        dq_low = tl.exp(pl)[:, None] * (tl.dot(dO, hf_t, input_precision=PREC) + dn[:, None] * zf[None, :])
         dQ += dq_low
         dF += tl.sum(Q * dq_low, 1)
         wg = tl.exp(cl)[:, None]
-        dk_up = wg * (tl.dot(V, du_t.to(dt), input_precision=PREC) + eu[None, :])
+        dk_up = wg * (tl.dot(V.to(tl.float32), du_t, input_precision=PREC) + eu[None, :])
         dK += dk_up
-        dV += wg * tl.dot(Kd, du.to(dt), input_precision=PREC)
+        dV += wg * tl.dot(K, du, input_precision=PREC)
         dG += tl.sum(K * dk_up, 1)
         _store_rows(dq_acc, qk_base, rows, o_k, L, H * DK, DK, dQ)
         _store_rows(dk_acc, qk_base, rows, o_k, L, H * DK, DK, dK)
@@ -382,10 +386,10 @@ def _lion_s_chunk_bwd(
         dK = _load_rows(dk_acc, qk_base, rows, o_k, L, H * DK, DK)
         dV = _load_rows(dv_acc, v_base, rows, o_v, L, H * DV, DV)
         wf = tl.exp(total - pl)[:, None]
-        dk_low = wf * (tl.dot(V, dl_t.to(dt), input_precision=PREC) + el[None, :])
+        dk_low = wf * (tl.dot(V.to(tl.float32), dl_t, input_precision=PREC) + el[None, :])
         dK += dk_low
-        dV += wf * tl.dot(Kd, dl_s.to(dt), input_precision=PREC)
-        dq_up = tl.exp(total - cl)[:, None] * (tl.dot(dOd, hb_t.to(dt), input_precision=PREC) + dn[:, None] * zb[None, :])
+        dV += wf * tl.dot(K, dl_s, input_precision=PREC)
+        dq_up = tl.exp(total - cl)[:, None] * (tl.dot(dO, hb_t, input_precision=PREC) + dn[:, None] * zb[None, :])
         dQ += dq_up
         _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale))
         _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xk, K, nk, dK))
@@ -788,7 +792,8 @@ class _Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gate, shape, st, algorithm):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        y, n = _FORWARD[algorithm](q, k, v, gate, shape, st)
+        with on_device(q):
+            y, n = _FORWARD[algorithm](q, k, v, gate, shape, st)
         ctx.save_for_backward(q, k, v, gate, y, n)
         ctx.shape, ctx.st, ctx.algorithm = shape, st, algorithm
         return y
@@ -797,7 +802,8 @@ class _Function(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         q, k, v, gate, y, n = ctx.saved_tensors
-        grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)
+        with on_device(q):
+            grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)
         return (*grads, None, None, None)
 
 

@@ -32,6 +32,9 @@
 #   dl_s = sum_(m+1>s) dF_m,  dgate = dl * d log_decay/dz
 #
 # Facts the planner checked:
+#   phi(x) = silu(x) + 1/2 is defined for every real x: proved (every log, root and division is defined for x in (-inf, inf))
+#   scale = 1 is defined for every head dim d >= 1: proved (every log, root and division is defined for d in [1, inf))
+#   log_decay(z) = -softplus(z) is defined: proved (every log, root and division is defined for z in (-inf, inf))
 #   phi(x) = silu(x) + 1/2 > 0 (normalize_rows: true): proved (its range over x in (-inf, inf) is within [0.221535, inf])
 #   scale = 1 > 0 for d >= 1 (normalize_rows: true): proved (by SymPy's assumptions)
 #   log_decay(z) = -softplus(z) <= 0: proved (by SymPy's assumptions)
@@ -71,6 +74,7 @@ from lion_gen.runtime import (
     kernel_settings,
     launch,
     lion_reference,
+    on_device,
     resolve_form,
 )
 
@@ -200,7 +204,7 @@ def _chunk_gates(g_ptr, g_base, g_stride, rows, L):
 #   H^F_(n+1) = exp(P_en - P_st) H^F_n + sum_j exp(P_en - F_j) K_j v'_j^T
 #   v' = [v, 1]: the ones column (kept as the vector z) gives the row sum n_i.
 # Potentials are chunk-local fp32 prefix sums (pl: exclusive, cl: inclusive), so every exponent
-# is a difference <= 0.
+# is a difference <= 0. Carried states stay fp32, in their dots too (a float16 state overflows).
 @triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
 def _lion_s_causal_chunk_fwd(
     q_ptr, k_ptr, v_ptr,
@@ -235,7 +239,7 @@ def _lion_s_causal_chunk_fwd(
         A = tl.dot(Q.to(dt), tl.trans(K).to(dt), input_precision=PREC) * _mask(cl, cl, True, False, C)
         wq = tl.exp(cl)
         num = tl.dot(A.to(dt), V, input_precision=PREC)
-        num += wq[:, None] * tl.dot(Q.to(dt), state.to(dt), input_precision=PREC)
+        num += wq[:, None] * tl.dot(Q, state, input_precision=PREC)
         den = tl.sum(A, 1) + wq * tl.sum(Q * z[None, :], 1)
         tl.store(n_ptr + n_base + rows * H, den, mask=rows < L)
         num = num / (den + eps)[:, None]
@@ -304,7 +308,7 @@ def _lion_s_causal_chunk_bwd(
         W = dS * S * m
         W_low = tl.where(o_r > o_s, W, 0.0)
         dF = tl.sum(W_low, 1) - tl.sum(W_low, 0)
-        dq_low = tl.exp(cl)[:, None] * (tl.dot(dOd, hf_t.to(dt), input_precision=PREC) + dn[:, None] * zf[None, :])
+        dq_low = tl.exp(cl)[:, None] * (tl.dot(dO, hf_t, input_precision=PREC) + dn[:, None] * zf[None, :])
         dQ += dq_low
         dF += tl.sum(Q * dq_low, 1)
         _store_rows(dq_acc, qk_base, rows, o_k, L, H * DK, DK, dQ)
@@ -336,9 +340,9 @@ def _lion_s_causal_chunk_bwd(
         dK = _load_rows(dk_acc, qk_base, rows, o_k, L, H * DK, DK)
         dV = _load_rows(dv_acc, v_base, rows, o_v, L, H * DV, DV)
         wf = tl.exp(total - cl)[:, None]
-        dk_low = wf * (tl.dot(V, dl_t.to(dt), input_precision=PREC) + el[None, :])
+        dk_low = wf * (tl.dot(V.to(tl.float32), dl_t, input_precision=PREC) + el[None, :])
         dK += dk_low
-        dV += wf * tl.dot(Kd, dl_s.to(dt), input_precision=PREC)
+        dV += wf * tl.dot(K, dl_s, input_precision=PREC)
         _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale))
         _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xk, K, nk, dK))
         _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
@@ -678,7 +682,8 @@ class _Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gate, shape, st, algorithm):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        y, n = _FORWARD[algorithm](q, k, v, gate, shape, st)
+        with on_device(q):
+            y, n = _FORWARD[algorithm](q, k, v, gate, shape, st)
         ctx.save_for_backward(q, k, v, gate, y, n)
         ctx.shape, ctx.st, ctx.algorithm = shape, st, algorithm
         return y
@@ -687,7 +692,8 @@ class _Function(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         q, k, v, gate, y, n = ctx.saved_tensors
-        grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)
+        with on_device(q):
+            grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)
         return (*grads, None, None, None)
 
 

@@ -30,7 +30,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="lion-gen", description="Generate Triton masked linear attention modules from YAML specs.")
+    p = _Parser(
+        prog="lion-gen",
+        description="Generate Triton masked linear attention modules from YAML specs.",
+        epilog="lion-gen explain SPEC.yaml prints what the planner derives for a spec. Exit codes: 0 ok, "
+        "1 --check found stale files, 2 bad spec or arguments (nothing written), 3 internal error.",
+    )
     p.add_argument("specs", nargs="*", metavar="SPEC", help="spec files to generate")
     p.add_argument("--out", default="generated", help="output directory (default: generated)")
     p.add_argument("--check", action="store_true", help="verify that --out matches the specs in --specs")
@@ -47,7 +52,7 @@ def _render_all(paths: Sequence[str]) -> dict[str, str]:
         spec = load_spec(path)
         if spec.name in out:
             raise SpecError(path, "name", f"{spec.name!r} is also the name of {sources[spec.name]}")
-        out[spec.name] = render(plan(spec))
+        out[spec.name] = render(plan(spec), spec.source)
         sources[spec.name] = path
     return out
 
@@ -139,7 +144,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     try:
         if args_list[:1] == ["explain"]:
-            if len(args_list) != 2:
+            if len(args_list) != 2 or args_list[1].startswith("-"):
                 return _fail("usage: lion-gen explain SPEC.yaml")
             return explain(args_list[1])
         args = _parser().parse_args(args_list)

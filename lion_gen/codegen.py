@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import json
@@ -21,7 +22,7 @@ from . import __version__
 from .functions import REGISTRY
 from .plan import Elementwise, Plan
 from .planner import plan as make_plan
-from .spec import Spec, load_spec
+from .spec import Spec, SpecError, load_spec
 
 
 class _Printer(StrPrinter):
@@ -170,8 +171,8 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render(p: Plan) -> str:
-    """Render the module for a plan."""
+def render(p: Plan, source: str = "<spec>") -> str:
+    """Render the module for a plan. Raises SpecError when the spec's name collides in the module."""
     tp, th = TritonPrinter(), TorchPrinter()
     ctx = {
         "plan": p,
@@ -188,7 +189,28 @@ def render(p: Plan) -> str:
         "scale_py": PythonPrinter().doprint(p.scale),
         "stages": [(n, p.stages.nodes[n]["kernel"], p.stages.nodes[n]["doc"]) for n in _topo(p)],
     }
-    return _environment().get_template("module.py.j2").render(**ctx)
+    text = _environment().get_template("module.py.j2").render(**ctx)
+    _check_names(text, p, source)
+    return text
+
+
+def _check_names(text: str, p: Plan, source: str) -> None:
+    """The function and the class a spec names must be the only module-level bindings of those names."""
+    counts: dict[str, int] = {}
+    for node in ast.parse(text).body:
+        names: list[str] = []
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, ast.Assign):
+            names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [(a.asname or a.name).split(".")[0] for a in node.names]
+        for n in names:
+            counts[n] = counts.get(n, 0) + 1
+    for n in sorted({p.name, p.class_name}):
+        if counts.get(n, 0) > 1 or p.name == p.class_name:
+            taken = "its own nn.Module class name" if p.name == p.class_name else "a name the generated module uses"
+            raise SpecError(source, "name", f"{p.name!r} collides with {taken} ({n!r}); choose another name")
 
 
 def _topo(p: Plan) -> list[str]:
@@ -199,7 +221,7 @@ def generate_source(spec: Spec | str | os.PathLike[str]) -> str:
     """The generated module's source for a spec (a Spec or a path to one)."""
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
-    return render(make_plan(spec))
+    return render(make_plan(spec), spec.source)
 
 
 def write_atomic(path: Path, text: str) -> None:

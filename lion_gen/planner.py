@@ -122,6 +122,24 @@ def prove(expr: sp.Expr, symbol: sp.Symbol, domain: Interval, want: str) -> tupl
     return ok, f"its range over {symbol} in {domain} is within {iv}"
 
 
+def prove_defined(expr: sp.Expr, symbol: sp.Symbol, domain: Interval) -> tuple[bool, str]:
+    """Try to prove ``expr`` is real and finite everywhere on ``domain``: every log argument > 0, every
+    fractional power's base >= 0 (> 0 for negative powers), no division by a range that holds 0."""
+    for sub in sp.preorder_traversal(expr):
+        if isinstance(sub, sp.log):
+            arg = interval_of(sub.args[0], {symbol: domain})
+            if not arg.is_positive():
+                return False, f"the argument of {sub} ranges over {arg}, not only > 0"
+        elif sub.is_Pow:
+            base, e = sub.args
+            arg = interval_of(base, {symbol: domain})
+            if e.is_Integer and e < 0 and not (arg.is_positive() or arg.hi < 0 or (arg.hi == 0 and arg.hi_open)):
+                return False, f"{sub} divides by {base}, whose range {arg} holds 0"
+            if not e.is_Integer and (arg.lo < 0 or (e < 0 and not arg.is_positive())):
+                return False, f"{sub} takes a fractional power of {base}, whose range is {arg}"
+    return True, f"every log, root and division is defined for {symbol} in {domain}"
+
+
 # ---------------------------------------------------------------------------- derivations
 
 
@@ -288,10 +306,19 @@ def plan(spec: Spec) -> Plan:
     facts: list[str] = []
     warns: list[str] = []
     phi = spec.feature_map.expr
+    d_range = Interval(1.0, math.inf, False, True)
+    for field, expr, sym, dom, what in (
+        ("feature_map.expr", phi, X, Interval.real(), f"phi(x) = {phi} is defined for every real x"),
+        ("scale", spec.scale, D, d_range, f"scale = {spec.scale} is defined for every head dim d >= 1"),
+        ("mask.log_decay", spec.mask.log_decay, Z, Interval.real(), f"log_decay(z) = {spec.mask.log_decay} is defined"),
+    ):
+        if expr is not None:
+            ok, how = prove_defined(expr, sym, dom)
+            _check(spec, field, ok, what, how, facts, warns)
     if spec.normalize_rows:
         ok, how = prove(phi, X, Interval.real(), "positive")
         _check(spec, "feature_map.expr", ok, f"phi(x) = {phi} > 0 (normalize_rows: true)", how, facts, warns)
-        ok, how = prove(spec.scale, D, Interval(1.0, math.inf, False, True), "positive")
+        ok, how = prove(spec.scale, D, d_range, "positive")
         _check(spec, "scale", ok, f"scale = {spec.scale} > 0 for d >= 1 (normalize_rows: true)", how, facts, warns)
 
     log_decay = log_decay_grad = None

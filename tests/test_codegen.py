@@ -144,3 +144,16 @@ def test_load_compiles_into_a_hashed_cache(tmp_path, monkeypatch):
     spec.write_text((ROOT / "specs" / "lion_s.yaml").read_text().replace("eps: 1.0e-6", "eps: 1.0e-5"))
     m3 = load(spec)
     assert m3 is not m1 and m3.SPEC["eps"] == 1e-5 and len(list(tmp_path.rglob("*.py"))) == 2
+
+
+@pytest.mark.parametrize("name", ["torch", "launch", "tl", "math", "SPEC", "EPS", "Attn"])
+def test_names_that_collide_in_the_module_are_refused(name, tmp_path):
+    from lion_gen import SpecError
+    from lion_gen.cli import main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: {name}\nfeature_map:\n  expr: elu(x) + 1\nmask:\n  family: none\n")
+    with pytest.raises(SpecError) as info:
+        generate_source(spec)
+    assert info.value.field == "name" and "collides" in info.value.reason
+    assert main([str(spec), "--out", str(tmp_path / "out")]) == 2 and not (tmp_path / "out").exists()

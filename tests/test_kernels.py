@@ -180,3 +180,18 @@ def test_kernel_matches_numpy_oracle(device):
     F, G = lion_oracle.potentials(-np.logaddexp(0, gate[0, :, 0].double().cpu().numpy()), "code")
     ref, _ = lion_oracle.attn_form(Q, K, v[0, :, 0].double().cpu().numpy(), F, G, eps=1e-6)
     assert np.sqrt(((y - ref) ** 2).mean() / (ref**2).mean()) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["chunk", "parallel"])
+@pytest.mark.parametrize("name", ["lion_lit", "lion_d"])
+def test_float16_states_do_not_overflow(name, form, device):
+    """With normalized rows the output stays O(v) while the carried state sums K v^T over the sequence:
+    a state cast to float16 would overflow (65504) although the result is representable."""
+    mod = module(name)
+    q, k, v, _ = make_inputs(mod, 1, 40, 1, 16, 16, device)
+    v = v + 2000.0
+    gate = None if mod.FAMILY == "none" else torch.full((1,), 12.0, device=device)  # lambda = sigmoid(12): slow
+    y = getattr(mod, name)(q.half(), k.half(), v.half(), gate, form=form, chunk_size=16)
+    args = [t.double().cpu() if t is not None else None for t in (q, k, v.half(), gate)]
+    ref = oracle.attention(mod.SPEC, *args)
+    assert torch.isfinite(y).all() and rel_rms(y.cpu(), ref) < 1e-2

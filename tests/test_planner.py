@@ -399,7 +399,7 @@ def test_positive_scale_expressions_are_proved():
 
 def test_without_normalized_rows_the_feature_map_need_not_be_positive():
     p = plan(spec_of(feature_map={"expr": "silu(x)"}, normalize_rows=False, scale="-1"))
-    assert not any(f.startswith("phi") for f in p.facts)
+    assert not any(f.startswith("phi") and "> 0" in f for f in p.facts)  # no positivity needed
     assert p.warnings == ()
 
 
@@ -428,8 +428,9 @@ def test_unproven_warning_is_a_user_warning():
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
 def test_shipped_specs_plan_with_every_fact_proved(path, recwarn, plans):
     p = plans[path.stem]
-    needs_facts = p.normalize_rows or p.log_decay is not None  # phi > 0 and scale > 0; log_decay <= 0
-    assert bool(p.facts) == needs_facts
+    assert any("is defined" in f for f in p.facts)  # every expression is proved defined on its domain
+    assert any("> 0" in f for f in p.facts) == p.normalize_rows
+    assert any("<= 0" in f for f in p.facts) == (p.log_decay is not None)
     assert all(": proved (" in f for f in p.facts)
     assert p.warnings == ()
     assert not [w for w in recwarn if issubclass(w.category, UnprovenWarning)]
@@ -580,3 +581,36 @@ def test_equations_describe_the_mask(plans):
     assert any("i >= j" in e for e in causal)
     assert any("F_m = P_(m+1),  G_m = P_(m+1)" in e for e in causal)
     assert any("F_m = P_(m+0),  G_m = P_(m+1)" in e for e in plans["lion_s"].equations)
+
+
+@pytest.mark.parametrize(
+    "field,mask,phi,reason",
+    [
+        ("feature_map.expr", {"family": "none"}, "log(x)", "argument of log(x)"),
+        ("feature_map.expr", {"family": "none"}, "sqrt(x)", "fractional power"),
+        ("feature_map.expr", {"family": "none"}, "1/x", "divides by x"),
+        ("mask.log_decay", {"family": "selective", "log_decay": "log(z)"}, "x", "argument of log(z)"),
+        ("mask.log_decay", {"family": "decay", "log_decay": "-1/z**2"}, "x", "divides by z"),
+    ],
+)
+def test_expressions_must_be_defined_on_their_domain(field, mask, phi, reason):
+    spec = parse_spec({"name": "t", "feature_map": {"expr": phi}, "mask": mask, "normalize_rows": False}, "t.yaml")
+    with pytest.raises(SpecError) as info:
+        plan(spec)
+    assert info.value.field == field and reason in info.value.reason and "allow_unproven" in info.value.reason
+
+
+def test_scale_must_be_defined_for_every_head_dim():
+    spec = parse_spec(
+        {
+            "name": "t",
+            "feature_map": {"expr": "x"},
+            "mask": {"family": "none"},
+            "normalize_rows": False,
+            "scale": "1/(d-1)",
+        },
+        "t.yaml",
+    )
+    with pytest.raises(SpecError) as info:
+        plan(spec)
+    assert info.value.field == "scale"

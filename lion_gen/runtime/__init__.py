@@ -8,7 +8,7 @@ from .checks import (
     kernel_settings,
     resolve_form,
 )
-from .launch import launch
+from .launch import launch, on_device
 from .reference import lion_reference
 
 __all__ = [
@@ -19,5 +19,6 @@ __all__ = [
     "kernel_settings",
     "launch",
     "lion_reference",
+    "on_device",
     "resolve_form",
 ]

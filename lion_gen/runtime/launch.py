@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from triton.runtime.errors import OutOfResources
 
 # Software pipelining (num_stages > 1) multiplies the shared memory a loop's tiles take. Measured on
@@ -30,3 +32,8 @@ def launch(kernel: Any, grid: Sequence[int], *args: Any, **kwargs: Any) -> None:
         f"{name} needs more shared memory than this GPU has at chunk_size={kwargs.get('C')} with head dims "
         f"Dk={kwargs.get('DK')}, Dv={kwargs.get('DV')} ({error}); pass a smaller chunk_size"
     ) from error
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager[object]:
+    """Make ``t``'s GPU the current one while kernels launch (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
