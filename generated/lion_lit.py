@@ -253,7 +253,7 @@ def _lion_lit_chunk_bwd(
         _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
 
 
-# Parallel (tiled attention) forward: one program per (query tile, b, h); docs/lion_math.md section 3.3:
+# Parallel (tiled attention) forward: one program per (b, h, query tile); docs/lion_math.md section 3.3:
 #   y_i = sum_j A_ij v_j / (sum_j A_ij + eps),   A_ij = M_ij (Q_i . K_j), over all key tiles.
 @triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
 def _lion_lit_parallel_fwd(
@@ -262,8 +262,8 @@ def _lion_lit_parallel_fwd(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+    t = tl.program_id(1)
     b = (pid // H).to(tl.int64)
     h = pid % H
     qk_base = (b * L * H + h) * DK
@@ -310,7 +310,7 @@ def _lion_lit_parallel_fwd(
     _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, num)
 
 
-# Parallel backward, queries: one program per (query tile, b, h); docs/lion_math.md section 4:
+# Parallel backward, queries: one program per (b, h, query tile); docs/lion_math.md section 4:
 #   dQ_i = sum_j M_ij (dO'_i . v'_j) K_j,  dq = phi'(q)^T (scale dQ)
 @triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
 def _lion_lit_parallel_bwd_q(
@@ -319,8 +319,8 @@ def _lion_lit_parallel_bwd_q(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+    t = tl.program_id(1)
     b = (pid // H).to(tl.int64)
     h = pid % H
     qk_base = (b * L * H + h) * DK
@@ -369,7 +369,7 @@ def _lion_lit_parallel_bwd_q(
     _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale))
 
 
-# Parallel backward, keys and values: one program per (key tile, b, h); docs/lion_math.md section 4.2:
+# Parallel backward, keys and values: one program per (b, h, key tile); docs/lion_math.md section 4.2:
 #   dK_j = sum_i M_ij (v'_j . dO'_i) Q_i,  dv_j = sum_i M_ij (K_j . Q_i) dO_i,  dk = phi'(k)^T dK
 # The tiles are transposed (rows j, columns i): S^T = K Q^T and dS^T = v' dO'^T are formed directly,
 # never by transposing a dot result (a Hopper miscompile in Triton 3.4-3.7).
@@ -380,8 +380,8 @@ def _lion_lit_parallel_bwd_kv(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    u = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)
+    u = tl.program_id(1)
     b = (pid // H).to(tl.int64)
     h = pid % H
     qk_base = (b * L * H + h) * DK
@@ -510,7 +510,7 @@ def _parallel_forward(q, k, v, gate, shape, st):
     n = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
     launch(
         _lion_lit_parallel_fwd,
-        (triton.cdiv(L, st.chunk), B * H),
+        (B * H, triton.cdiv(L, st.chunk)),
         q, k, v,
         y, n, L, H, _scale(shape.dk), EPS,
         DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision,
@@ -523,7 +523,7 @@ def _parallel_backward(q, k, v, gate, y, n, dy, shape, st):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    grid = (triton.cdiv(L, st.chunk), B * H)
+    grid = (B * H, triton.cdiv(L, st.chunk))
     common = dict(L=L, H=H, scale=_scale(shape.dk), eps=EPS, DK=shape.dk, DV=shape.dv, BK=st.block_k,
                   BV=st.block_v, C=st.chunk, PREC=st.precision)
     grid_args = (q, k, v, y, n, dy)

@@ -360,7 +360,7 @@ def _lion_s_causal_chunk_bwd(
         el = decay * el + tl.sum(Qw * dn[:, None], 0)
 
 
-# Parallel (tiled attention) forward: one program per (query tile, b, h); docs/lion_math.md section 3.3:
+# Parallel (tiled attention) forward: one program per (b, h, query tile); docs/lion_math.md section 3.3:
 #   y_i = sum_j A_ij v_j / (sum_j A_ij + eps),   A_ij = M_ij (Q_i . K_j), over key tiles j <= i.
 # Mask tiles come from the potentials on the fly (no L x L tensor). Key tiles are visited moving away
 # from the query tile, carrying D = the sum of the log-gates of the tiles strictly between, so that
@@ -374,8 +374,8 @@ def _lion_s_causal_parallel_fwd(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+    t = tl.program_id(1)
     b = (pid // H).to(tl.int64)
     h = pid % H
     qk_base = (b * L * H + h) * DK
@@ -416,7 +416,7 @@ def _lion_s_causal_parallel_fwd(
     _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, num)
 
 
-# Parallel backward, queries: one program per (query tile, b, h); docs/lion_math.md section 4:
+# Parallel backward, queries: one program per (b, h, query tile); docs/lion_math.md section 4:
 #   dQ_i = sum_j M_ij (dO'_i . v'_j) K_j,  dq = phi'(q)^T (scale dQ)
 #   and the row halves of the gate terms: dF_i += sum_{j<i} W_ij,  W = dS o S o M.
 @triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
@@ -427,8 +427,8 @@ def _lion_s_causal_parallel_bwd_q(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+    t = tl.program_id(1)
     b = (pid // H).to(tl.int64)
     h = pid % H
     qk_base = (b * L * H + h) * DK
@@ -476,7 +476,7 @@ def _lion_s_causal_parallel_bwd_q(
     tl.store(df_ptr + n_base + rows * H, dF, mask=rows < L)
 
 
-# Parallel backward, keys and values: one program per (key tile, b, h); docs/lion_math.md section 4.2:
+# Parallel backward, keys and values: one program per (b, h, key tile); docs/lion_math.md section 4.2:
 #   dK_j = sum_i M_ij (v'_j . dO'_i) Q_i,  dv_j = sum_i M_ij (K_j . Q_i) dO_i,  dk = phi'(k)^T dK
 #   and the column halves of the gate terms: dF_j -= sum_{i>j} W_ij.
 # The tiles are transposed (rows j, columns i): S^T = K Q^T and dS^T = v' dO'^T are formed directly,
@@ -489,8 +489,8 @@ def _lion_s_causal_parallel_bwd_kv(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    u = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)
+    u = tl.program_id(1)
     b = (pid // H).to(tl.int64)
     h = pid % H
     qk_base = (b * L * H + h) * DK
@@ -641,7 +641,7 @@ def _parallel_forward(q, k, v, gate, shape, st):
     g, g_rowed, g_stride = _gate_layout(gate, shape)
     launch(
         _lion_s_causal_parallel_fwd,
-        (triton.cdiv(L, st.chunk), B * H),
+        (B * H, triton.cdiv(L, st.chunk)),
         q, k, v,
         g, g_rowed, g_stride,
         y, n, L, H, _scale(shape.dk), EPS,
@@ -658,7 +658,7 @@ def _parallel_backward(q, k, v, gate, y, n, dy, shape, st):
     g, g_rowed, g_stride = _gate_layout(gate, shape)
     # dF, dG: row halves from the query kernel, column halves from the key kernel
     halves = torch.empty(4 if False else 2, B, L, H, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(L, st.chunk), B * H)
+    grid = (B * H, triton.cdiv(L, st.chunk))
     common = dict(L=L, H=H, scale=_scale(shape.dk), eps=EPS, DK=shape.dk, DV=shape.dv, BK=st.block_k,
                   BV=st.block_v, C=st.chunk, PREC=st.precision)
     launch(_lion_s_causal_parallel_bwd_q, grid, q, k, v, g, g_rowed, g_stride, halves[0], y, n, dy, dq, **common)
