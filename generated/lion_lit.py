@@ -62,6 +62,22 @@ from lion_gen.runtime import (
     lion_reference,
     on_device,
     resolve_form,
+    segment_chunks,
+)
+from lion_gen.runtime.tiles import (  # spec-independent Triton helpers
+    _causal,
+    _load_rows,
+    _load_state,
+    _load_state_t,
+    _load_vec,
+    _mask,
+    _sdot,
+    _softplus,
+    _sround,
+    _store_rows,
+    _store_state,
+    _store_vec,
+    _tanh,
 )
 
 SPEC = {'name': 'lion_lit', 'direction': 'bidirectional', 'feature_map': {'expr': 'elu(x) + 1', 'normalize': 'none'}, 'mask': {'family': 'none'}, 'normalize_rows': True, 'scale': '1', 'eps': 1e-06, 'chunk_size': None, 'allow_unproven': False}
@@ -73,18 +89,6 @@ EPS = 1e-06
 
 # ---------------------------------------------------------------------------------------------
 # Elementwise pieces, printed from the planner's SymPy expressions (fp32 tiles in, fp32 tiles out).
-
-
-@triton.jit
-def _softplus(x):
-    # log(1 + exp(x)) without overflow: max(x, 0) + log1p(exp(-|x|)), log1p by series when tiny
-    u = tl.exp(-tl.abs(x))
-    return tl.maximum(x, 0.0) + tl.where(u < 1e-4, u * (1.0 - 0.5 * u), tl.log(1.0 + u))
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
@@ -101,20 +105,6 @@ def _feature_grad(x):
 
 # ---------------------------------------------------------------------------------------------
 # Tile helpers shared by the kernels below.
-
-
-@triton.jit
-def _load_rows(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr):
-    """A (C, BLOCK) tile of rows `rows` of a (B, L, H, DIM) tensor, zero outside."""
-    mask = (rows[:, None] < L) & (cols[None, :] < DIM)
-    return tl.load(ptr + base + rows[:, None].to(tl.int64) * STRIDE + cols[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_rows(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr, value):
-    mask = (rows[:, None] < L) & (cols[None, :] < DIM)
-    offsets = base + rows[:, None].to(tl.int64) * STRIDE + cols[None, :]
-    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -143,31 +133,19 @@ def _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, 
     return dY * r[:, None], -tl.sum(dY * Y, 1) * r
 
 
-@triton.jit
-def _mask(Fa, Gb, LOWER: tl.constexpr, UPPER: tl.constexpr, C: tl.constexpr):
-    """M_ij = exp(Fa_i - Fa_j) below the diagonal, 1 on it, exp(Gb_j - Gb_i) above; every exponent <= 0."""
-    o = tl.arange(0, C)
-    below = o[:, None] > o[None, :]
-    above = o[:, None] < o[None, :]
-    m = tl.where(below | above, 0.0, 1.0)
-    if LOWER:
-        m += tl.where(below, tl.exp(tl.where(below, Fa[:, None] - Fa[None, :], 0.0)), 0.0)
-    if UPPER:
-        m += tl.where(above, tl.exp(tl.where(above, Gb[None, :] - Gb[:, None], 0.0)), 0.0)
-    return m
 
 
-# Chunkwise forward, mask none (one program per (b, h); docs/lion_math.md section 3.3, LIT case):
-#   S = sum_j K_j v_j^T,  z = sum_j K_j              (one global state, no scan, no intra-chunk mask)
-#   y_i = Q_i S / (Q_i . z + eps)
-@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
-def _lion_lit_chunk_fwd(
-    q_ptr, k_ptr, v_ptr,
-    y_ptr, n_ptr,
-    L, H, scale, eps,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+# Stage 1 of the forward pass: one program per (b, h, segment) sweeps the segment's chunks right to left.
+# Rows are (X, Y') = (K_j, v'_j), v' = [v, 1] (the ones column is kept as the vector z).
+#   S_s = sum_{r in s} X_r Y'_r^T                                  (no mask: a plain sum)
+@triton.jit(do_not_specialize=["L", "SEG", "NS"])
+def _lion_lit_fwd_summary(
+    k_ptr, v_ptr,
+    sl_ptr, slz_ptr,
+    L, H, SEG, NS,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
     b = (pid // H).to(tl.int64)
     h = pid % H
     qk_base = (b * L * H + h) * DK
@@ -178,23 +156,79 @@ def _lion_lit_chunk_fwd(
     o_v = tl.arange(0, BV)
     dt = v_ptr.dtype.element_ty
     N = tl.cdiv(L, C)
-
-    state = tl.zeros([BK, BV], tl.float32)
-    z = tl.zeros([BK], tl.float32)
-    for n in range(N):
+    s = tl.program_id(1)  # the segment: chunks [n0, n1)
+    n0 = s * SEG
+    n1 = tl.minimum(n0 + SEG, N)
+    seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
+    sl = tl.zeros([BK, BV], tl.float32)
+    slz = tl.zeros([BK], tl.float32)
+    for i in range(n1 - n0):
+        n = n1 - 1 - i
         rows = n * C + o_c
         _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        state += tl.dot(tl.trans(K).to(dt), V, input_precision=PREC)
-        z += tl.sum(K, 0)
-    for n in range(N):
+        Xl = K
+        sl += _sdot(tl.trans(Xl), V, SD, PREC)
+        slz += tl.sum(Xl, 0)
+    _store_state(sl_ptr, seg, o_k, o_v, DK, DV, sl)
+    _store_vec(slz_ptr, seg, o_k, DK, slz)
+
+
+# Stage 2 (both passes), no mask: one program per (b, h) sums the segments' summaries, H = sum_s S_s.
+@triton.jit(do_not_specialize=["NS"])
+def _lion_lit_scan(
+    sl_ptr, slz_ptr, hl_ptr, hlz_ptr, sr_ptr, srz_ptr, hr_ptr, hrz_ptr,
+    NS,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    acc = tl.zeros([BK, BV], tl.float32)
+    accz = tl.zeros([BK], tl.float32)
+    for s in range(NS):
+        acc += _load_state(sl_ptr, pid * NS + s, o_k, o_v, DK, DV)
+        accz += _load_vec(slz_ptr, pid * NS + s, o_k, DK)
+    _store_state(hl_ptr, pid, o_k, o_v, DK, DV, acc)
+    _store_vec(hlz_ptr, pid, o_k, DK, accz)
+
+
+# Stage 3 of the forward pass, no mask: one program per (b, h, segment); docs/lion_math.md section 3.3, LIT case:
+#   y_i = Q_i S / (Q_i . z + eps),   S = sum_j K_j v_j^T, z = sum_j K_j over the whole sequence (from stage 2)
+@triton.jit(do_not_specialize=["L", "SEG", "NS"])
+def _lion_lit_fwd_output(
+    q_ptr, v_ptr,
+    hl_ptr, hlz_ptr,
+    y_ptr, n_ptr,
+    L, H, SEG, NS, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    dt = v_ptr.dtype.element_ty
+    N = tl.cdiv(L, C)
+    s = tl.program_id(1)  # the segment: chunks [n0, n1)
+    n0 = s * SEG
+    n1 = tl.minimum(n0 + SEG, N)
+    seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
+    S = _load_state(hl_ptr, pid, o_k, o_v, DK, DV)
+    z = _load_vec(hlz_ptr, pid, o_k, DK)
+    for n in range(n0, n1):
         rows = n * C + o_c
         _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
-        Q = Q * scale
-        y = tl.dot(Q, state, input_precision=PREC)
+        Q = _sround(Q * scale, SD)  # rounded as the state dot rounds it, so that den matches num
+        y = _sdot(Q, S, SD, PREC)
         den = tl.sum(Q * z[None, :], 1)
         tl.store(n_ptr + n_base + rows * H, den, mask=rows < L)
-        y = y / (den + eps)[:, None]
+        y = y * (1.0 / (den + eps))[:, None]
         _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, y)
 
 
@@ -473,17 +507,66 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Te
     )
 
 
+class _Schedule:
+    """Sizes of the sequence-parallel chunk form: chunks, segments of SEG chunks, the states' dtype."""
+
+    def __init__(self, q: torch.Tensor, shape, st) -> None:
+        self.B, self.L, self.H = shape.batch, shape.length, shape.heads
+        self.BH = self.B * self.H
+        self.N = triton.cdiv(self.L, st.chunk)
+        self.SEG = segment_chunks(self.BH, self.N, q.device)
+        self.NS = triton.cdiv(self.N, self.SEG)
+        # How dots with a carried state run (runtime.tiles._sdot): fp32 runs keep fp32; 16-bit runs use bf16
+        # operands (fp16 cannot hold a state: it sums K v^T over the sequence), bfloat16 runs store their
+        # states in bf16 too, float16 runs keep fp32 states and split them into two bf16 parts.
+        self.SD = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[q.dtype]
+        self.sdt = torch.bfloat16 if self.SD == 1 else torch.float32
+        self.device = q.device
+        self.dk, self.dv = shape.dk, shape.dv
+
+    def states(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` (Dk, Dv) states per (b, h) in the state dtype, and their fp32 (Dk,) normalizer columns."""
+        kv = torch.empty(self.BH, count, self.dk, self.dv, dtype=self.sdt, device=self.device)
+        z = torch.empty(self.BH, count, self.dk, dtype=torch.float32, device=self.device)
+        return kv, z
+
+    def consts(self, st) -> dict:
+        return dict(DK=self.dk, DV=self.dv, BK=st.block_k, BV=st.block_v)
+
+    def dots(self, st) -> dict:
+        return dict(C=st.chunk, PREC=st.precision, SD=self.SD)
+
+
 def _chunk_forward(q, k, v, gate, shape, st):
+    sc = _Schedule(q, shape, st)
     B, L, H = shape.batch, shape.length, shape.heads
+    consts = sc.consts(st)
+    seq = dict(L=L, H=H, SEG=sc.SEG, NS=sc.NS)
+    grid = (sc.BH, sc.NS)
+    gates = ()
+    # stage 1: per-segment summaries (and, right to left, the state entering each chunk from its right)
+    sl, slz = sc.states(sc.NS)
+    launch(
+        _lion_lit_fwd_summary, grid, k, v, *gates,
+        sl, slz,
+        **seq, **consts, **sc.dots(st),
+    )
+    # stage 2: the states carried into every segment
+    hl, hlz = sc.states(1)
+    hr, hrz = hl, hlz  # unused
+    launch(
+        _lion_lit_scan, (sc.BH,),
+        sl, slz, hl, hlz,
+        sl, slz, hr, hrz,
+        sc.NS, LEFT=True, RIGHT=False, **consts,
+    )
+    # stage 3: the outputs
     y = torch.empty_like(v)
     n = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
     launch(
-        _lion_lit_chunk_fwd,
-        (B * H,),
-        q, k, v,
-        y, n,
-        L, H, _scale(shape.dk), EPS,
-        DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision,
+        _lion_lit_fwd_output, grid, q, v,
+        hl, hlz,
+        y, n, **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
     )
     return y, n
 

@@ -79,6 +79,22 @@ from lion_gen.runtime import (
     lion_reference,
     on_device,
     resolve_form,
+    segment_chunks,
+)
+from lion_gen.runtime.tiles import (  # spec-independent Triton helpers
+    _causal,
+    _load_rows,
+    _load_state,
+    _load_state_t,
+    _load_vec,
+    _mask,
+    _sdot,
+    _softplus,
+    _sround,
+    _store_rows,
+    _store_state,
+    _store_vec,
+    _tanh,
 )
 
 SPEC = {'name': 'lion_s', 'direction': 'bidirectional', 'feature_map': {'expr': 'silu(x) + 1/2', 'normalize': 'l2'}, 'mask': {'family': 'selective', 'log_decay': '-softplus(z)', 'alignment': 'lion'}, 'normalize_rows': True, 'scale': '1', 'eps': 1e-06, 'chunk_size': None, 'allow_unproven': False}
@@ -90,18 +106,6 @@ EPS = 1e-06
 
 # ---------------------------------------------------------------------------------------------
 # Elementwise pieces, printed from the planner's SymPy expressions (fp32 tiles in, fp32 tiles out).
-
-
-@triton.jit
-def _softplus(x):
-    # log(1 + exp(x)) without overflow: max(x, 0) + log1p(exp(-|x|)), log1p by series when tiny
-    u = tl.exp(-tl.abs(x))
-    return tl.maximum(x, 0.0) + tl.where(u < 1e-4, u * (1.0 - 0.5 * u), tl.log(1.0 + u))
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
@@ -131,20 +135,6 @@ def _log_decay_grad(z):
 
 # ---------------------------------------------------------------------------------------------
 # Tile helpers shared by the kernels below.
-
-
-@triton.jit
-def _load_rows(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr):
-    """A (C, BLOCK) tile of rows `rows` of a (B, L, H, DIM) tensor, zero outside."""
-    mask = (rows[:, None] < L) & (cols[None, :] < DIM)
-    return tl.load(ptr + base + rows[:, None].to(tl.int64) * STRIDE + cols[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_rows(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr, value):
-    mask = (rows[:, None] < L) & (cols[None, :] < DIM)
-    offsets = base + rows[:, None].to(tl.int64) * STRIDE + cols[None, :]
-    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -178,20 +168,6 @@ def _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, 
 
 
 @triton.jit
-def _mask(Fa, Gb, LOWER: tl.constexpr, UPPER: tl.constexpr, C: tl.constexpr):
-    """M_ij = exp(Fa_i - Fa_j) below the diagonal, 1 on it, exp(Gb_j - Gb_i) above; every exponent <= 0."""
-    o = tl.arange(0, C)
-    below = o[:, None] > o[None, :]
-    above = o[:, None] < o[None, :]
-    m = tl.where(below | above, 0.0, 1.0)
-    if LOWER:
-        m += tl.where(below, tl.exp(tl.where(below, Fa[:, None] - Fa[None, :], 0.0)), 0.0)
-    if UPPER:
-        m += tl.where(above, tl.exp(tl.where(above, Gb[None, :] - Gb[:, None], 0.0)), 0.0)
-    return m
-
-
-@triton.jit
 def _chunk_gates(g_ptr, g_base, g_stride, rows, L):
     """The chunk's raw gate z, and its local prefix sums of l(z): exclusive pl, inclusive cl, total."""
     valid = rows < L
@@ -201,25 +177,23 @@ def _chunk_gates(g_ptr, g_base, g_stride, rows, L):
     return z, cl - lg, cl, tl.sum(lg, 0)
 
 
-# Chunkwise forward (one program per (b, h); docs/lion_math.md section 3.3), chunk n = rows [nC, nC + C):
-#   O_i = sum_{j in chunk} M_ij (Q_i . K_j) v'_j                        (intra-chunk, C x C)
-#       + exp(F_i - P_st) Q_i H^F_n                                      (state from the left)
-#       + exp(P_en - G_i) Q_i H^B_n                                      (state from the right)
-#   H^F_(n+1) = exp(P_en - P_st) H^F_n + sum_j exp(P_en - F_j) K_j v'_j^T
-#   H^B_(n-1) = exp(P_en - P_st) H^B_n + sum_j exp(G_j - P_st) K_j v'_j^T
-#   v' = [v, 1]: the ones column (kept as the vector z) gives the row sum n_i.
-# Potentials are chunk-local fp32 prefix sums (pl: exclusive, cl: inclusive), so every exponent
-# is a difference <= 0. Carried states stay fp32, in their dots too (a float16 state overflows).
-@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
-def _lion_s_chunk_fwd(
-    q_ptr, k_ptr, v_ptr,
+# Stage 1 of the forward pass: one program per (b, h, segment) sweeps the segment's chunks right to left.
+# Rows are (X, Y') = (K_j, v'_j), v' = [v, 1] (the ones column is kept as the vector z).
+#   left-to-right summary:  S^L_s = sum_{r in s} exp(P_b - F_r) X_r Y'_r^T       (b = the segment's end)
+#   right-to-left state entering chunk n from inside the segment, for every chunk n:
+#     R_n = sum_{r in s, r >= en_n} exp(G_r - P_en_n) X_r Y'_r^T,  and the summary S^R_s = R at the segment's start
+#   T_s = P_b - P_a (the segment's total log-decay) and, per chunk, P_b - P_en_n (for stage 3)
+@triton.jit(do_not_specialize=["L", "SEG", "NS"])
+def _lion_s_fwd_summary(
+    k_ptr, v_ptr,
     g_ptr, G_ROWED, G_STRIDE,
-    y_ptr, n_ptr,
-    acc_ptr,
-    L, H, scale, eps,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+    t_ptr, rs_ptr,
+    sl_ptr, slz_ptr,
+    sr_ptr, srz_ptr, cr_ptr, crz_ptr,
+    L, H, SEG, NS,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
     b = (pid // H).to(tl.int64)
     h = pid % H
     qk_base = (b * L * H + h) * DK
@@ -231,49 +205,144 @@ def _lion_s_chunk_fwd(
     o_v = tl.arange(0, BV)
     dt = v_ptr.dtype.element_ty
     N = tl.cdiv(L, C)
+    s = tl.program_id(1)  # the segment: chunks [n0, n1)
+    n0 = s * SEG
+    n1 = tl.minimum(n0 + SEG, N)
+    seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
+    sl = tl.zeros([BK, BV], tl.float32)
+    slz = tl.zeros([BK], tl.float32)
+    sr = tl.zeros([BK, BV], tl.float32)
+    srz = tl.zeros([BK], tl.float32)
+    R = tl.sum(tl.zeros([C], tl.float32), 0)  # P_b - P_en_n: log-decay from this chunk's end to the segment's end
+    for i in range(n1 - n0):
+        n = n1 - 1 - i
+        rows = n * C + o_c
+        _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
+        V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
+        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L)
+        tl.store(rs_ptr + pid.to(tl.int64) * N + n, R)
+        cidx = pid.to(tl.int64) * N + n
+        _store_state(cr_ptr, cidx, o_k, o_v, DK, DV, sr)
+        _store_vec(crz_ptr, cidx, o_k, DK, srz)
+        Xr = K * tl.exp(cl)[:, None]
+        decay = tl.exp(total)
+        sr = decay * sr + _sdot(tl.trans(Xr), V, SD, PREC)
+        srz = decay * srz + tl.sum(Xr, 0)
+        Xl = K * tl.exp(R + total - pl)[:, None]
+        sl += _sdot(tl.trans(Xl), V, SD, PREC)
+        slz += tl.sum(Xl, 0)
+        R += total
+    _store_state(sl_ptr, seg, o_k, o_v, DK, DV, sl)
+    _store_vec(slz_ptr, seg, o_k, DK, slz)
+    _store_state(sr_ptr, seg, o_k, o_v, DK, DV, sr)
+    _store_vec(srz_ptr, seg, o_k, DK, srz)
+    tl.store(t_ptr + seg, R)
 
-    # ---- left to right: intra-chunk block and the forward state
-    state = tl.zeros([BK, BV], tl.float32)
-    z = tl.zeros([BK], tl.float32)
-    for n in range(N):
+
+# Stage 2 (both passes): one program per (b, h) scans the segment summaries (a short sequential pass):
+#   from the left:  H^L_0 = 0,  H^L_(s+1) = exp(T_s) H^L_s + S^L_s     (H^L_s enters segment s at its start)
+#   from the right: H^R_(NS-1) = 0,  H^R_(s-1) = exp(T_s) H^R_s + S^R_s  (H^R_s enters segment s at its end)
+# (T, S) pairs compose associatively: a tree scan, or an exchange between ranks, gives the same states.
+@triton.jit(do_not_specialize=["NS"])
+def _lion_s_scan(
+    t_ptr,
+    sl_ptr, slz_ptr, hl_ptr, hlz_ptr, sr_ptr, srz_ptr, hr_ptr, hrz_ptr,
+    NS,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    if LEFT:
+        acc = tl.zeros([BK, BV], tl.float32)
+        accz = tl.zeros([BK], tl.float32)
+        for s in range(NS):
+            seg = pid * NS + s
+            _store_state(hl_ptr, seg, o_k, o_v, DK, DV, acc)
+            _store_vec(hlz_ptr, seg, o_k, DK, accz)
+            decay = tl.exp(tl.load(t_ptr + seg))
+            acc = decay * acc + _load_state(sl_ptr, seg, o_k, o_v, DK, DV)
+            accz = decay * accz + _load_vec(slz_ptr, seg, o_k, DK)
+    if RIGHT:
+        acc = tl.zeros([BK, BV], tl.float32)
+        accz = tl.zeros([BK], tl.float32)
+        for i in range(NS):
+            seg = pid * NS + NS - 1 - i
+            _store_state(hr_ptr, seg, o_k, o_v, DK, DV, acc)
+            _store_vec(hrz_ptr, seg, o_k, DK, accz)
+            decay = tl.exp(tl.load(t_ptr + seg))
+            acc = decay * acc + _load_state(sr_ptr, seg, o_k, o_v, DK, DV)
+            accz = decay * accz + _load_vec(srz_ptr, seg, o_k, DK)
+
+
+# Stage 3 of the forward pass: one program per (b, h, segment) sweeps the segment's chunks left to right
+# (docs/lion_math.md section 3.3); for rows i of chunk n = [st, en):
+#   O_i = sum_{j in chunk} M_ij (Q_i . K_j) v'_j                              (intra-chunk, C x C)
+#       + exp(F_i - P_st) Q_i H^L                                            (keys left of the chunk)
+#       + exp(P_en - G_i) Q_i (R_n + exp(P_b - P_en) H^R_s)                  (keys right of it: in the segment, then beyond)
+#   H^L <- exp(P_en - P_st) H^L + sum_j exp(P_en - F_j) K_j v'_j^T,  starting from H^L_s of stage 2
+#   y_i = O_i[:Dv] / (O_i[Dv] + eps), one reciprocal per row
+# Potentials are chunk-local fp32 prefix sums (pl: exclusive, cl: inclusive), so every exponent is a
+# difference <= 0. States are fp32; their dots take bf16 operands in 16-bit runs (fp32 accumulation).
+@triton.jit(do_not_specialize=["L", "SEG", "NS"])
+def _lion_s_fwd_output(
+    q_ptr, k_ptr, v_ptr,
+    g_ptr, G_ROWED, G_STRIDE, rs_ptr,
+    hl_ptr, hlz_ptr,
+    hr_ptr, hrz_ptr, cr_ptr, crz_ptr,
+    y_ptr, n_ptr,
+    L, H, SEG, NS, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    g_base = (b * L * H) * G_ROWED + h
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    dt = v_ptr.dtype.element_ty
+    N = tl.cdiv(L, C)
+    s = tl.program_id(1)  # the segment: chunks [n0, n1)
+    n0 = s * SEG
+    n1 = tl.minimum(n0 + SEG, N)
+    seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
+    HL = _load_state(hl_ptr, seg, o_k, o_v, DK, DV)
+    zl = _load_vec(hlz_ptr, seg, o_k, DK)
+    HR = _load_state(hr_ptr, seg, o_k, o_v, DK, DV)
+    zr = _load_vec(hrz_ptr, seg, o_k, DK)
+    for n in range(n0, n1):
         rows = n * C + o_c
         _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
         Q = Q * scale
+        Qs = _sround(Q, SD)  # Q as the state dots round it: the same rounding in num and den
         _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
         _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L)
         A = tl.dot(Q.to(dt), tl.trans(K).to(dt), input_precision=PREC) * _mask(pl, cl, True, True, C)
-        wq = tl.exp(pl)
         num = tl.dot(A.to(dt), V, input_precision=PREC)
-        num += wq[:, None] * tl.dot(Q, state, input_precision=PREC)
-        den = tl.sum(A, 1) + wq * tl.sum(Q * z[None, :], 1)
-        _store_rows(acc_ptr, v_base, rows, o_v, L, H * DV, DV, num)
+        den = tl.sum(A, 1)
+        wl = tl.exp(pl)[:, None]
+        num += wl * _sdot(Qs, HL, SD, PREC)
+        den += tl.sum(wl * Qs * zl[None, :], 1)
+        cidx = pid.to(tl.int64) * N + n
+        to_end = tl.exp(tl.load(rs_ptr + cidx))  # exp(P_b - P_en): from this chunk's end to the segment's end
+        Hn = _load_state(cr_ptr, cidx, o_k, o_v, DK, DV) + to_end * HR
+        wr = tl.exp(total - cl)[:, None]
+        num += wr * _sdot(Qs, Hn, SD, PREC)
+        zn = _load_vec(crz_ptr, cidx, o_k, DK) + to_end * zr
+        den += tl.sum(wr * Qs * zn[None, :], 1)
         tl.store(n_ptr + n_base + rows * H, den, mask=rows < L)
-        Kw = K * tl.exp(total - pl)[:, None]
-        state = tl.exp(total) * state + tl.dot(tl.trans(Kw).to(dt), V, input_precision=PREC)
-        z = tl.exp(total) * z + tl.sum(Kw, 0)
-
-    # ---- right to left: the backward state, then the final rows
-    state = tl.zeros([BK, BV], tl.float32)
-    z = tl.zeros([BK], tl.float32)
-    for i in range(N):
-        n = N - 1 - i
-        rows = n * C + o_c
-        _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
-        Q = Q * scale
-        _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
-        V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L)
-        wq = tl.exp(total - cl)
-        num = _load_rows(acc_ptr, v_base, rows, o_v, L, H * DV, DV)
-        num += wq[:, None] * tl.dot(Q, state, input_precision=PREC)
-        den = tl.load(n_ptr + n_base + rows * H, mask=rows < L, other=0.0) + wq * tl.sum(Q * z[None, :], 1)
-        tl.store(n_ptr + n_base + rows * H, den, mask=rows < L)
-        num = num / (den + eps)[:, None]
+        num = num * (1.0 / (den + eps))[:, None]
         _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, num)
-        Kw = K * tl.exp(cl)[:, None]
-        state = tl.exp(total) * state + tl.dot(tl.trans(Kw).to(dt), V, input_precision=PREC)
-        z = tl.exp(total) * z + tl.sum(Kw, 0)
+        Kl = K * tl.exp(total - pl)[:, None]
+        decay = tl.exp(total)
+        HL = decay * HL + _sdot(tl.trans(Kl), V, SD, PREC)
+        zl = decay * zl + tl.sum(Kl, 0)
 
 
 # Chunkwise backward (one program per (b, h); docs/lion_math.md section 4):
@@ -699,21 +768,76 @@ def _gate_layout(gate: torch.Tensor, shape) -> tuple[torch.Tensor, int, int]:
     return gate.contiguous(), 1, shape.heads  # (B, L, H): row t of (b, h) at (b L + t) H + h
 
 
+class _Schedule:
+    """Sizes of the sequence-parallel chunk form: chunks, segments of SEG chunks, the states' dtype."""
+
+    def __init__(self, q: torch.Tensor, shape, st) -> None:
+        self.B, self.L, self.H = shape.batch, shape.length, shape.heads
+        self.BH = self.B * self.H
+        self.N = triton.cdiv(self.L, st.chunk)
+        self.SEG = segment_chunks(self.BH, self.N, q.device)
+        self.NS = triton.cdiv(self.N, self.SEG)
+        # How dots with a carried state run (runtime.tiles._sdot): fp32 runs keep fp32; 16-bit runs use bf16
+        # operands (fp16 cannot hold a state: it sums K v^T over the sequence), bfloat16 runs store their
+        # states in bf16 too, float16 runs keep fp32 states and split them into two bf16 parts.
+        self.SD = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[q.dtype]
+        self.sdt = torch.bfloat16 if self.SD == 1 else torch.float32
+        self.device = q.device
+        self.dk, self.dv = shape.dk, shape.dv
+
+    def states(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` (Dk, Dv) states per (b, h) in the state dtype, and their fp32 (Dk,) normalizer columns."""
+        kv = torch.empty(self.BH, count, self.dk, self.dv, dtype=self.sdt, device=self.device)
+        z = torch.empty(self.BH, count, self.dk, dtype=torch.float32, device=self.device)
+        return kv, z
+
+    def consts(self, st) -> dict:
+        return dict(DK=self.dk, DV=self.dv, BK=st.block_k, BV=st.block_v)
+
+    def dots(self, st) -> dict:
+        return dict(C=st.chunk, PREC=st.precision, SD=self.SD)
+
+
 def _chunk_forward(q, k, v, gate, shape, st):
+    sc = _Schedule(q, shape, st)
     B, L, H = shape.batch, shape.length, shape.heads
+    consts = sc.consts(st)
+    seq = dict(L=L, H=H, SEG=sc.SEG, NS=sc.NS)
+    grid = (sc.BH, sc.NS)
+    g, g_rowed, g_stride = _gate_layout(gate, shape)
+    gates = (g, g_rowed, g_stride)
+    T = torch.empty(sc.BH, sc.NS, dtype=torch.float32, device=q.device)
+    to_end = torch.empty(sc.BH, sc.N, dtype=torch.float32, device=q.device)
+    # stage 1: per-segment summaries (and, right to left, the state entering each chunk from its right)
+    sl, slz = sc.states(sc.NS)
+    sr, srz = sc.states(sc.NS)
+    cr, crz = sc.states(sc.N)
+    launch(
+        _lion_s_fwd_summary, grid, k, v, *gates,
+        T, to_end,
+        sl, slz,
+        sr, srz, cr, crz,
+        **seq, **consts, **sc.dots(st),
+    )
+    # stage 2: the states carried into every segment
+    hl, hlz = sc.states(sc.NS)
+    hr, hrz = sc.states(sc.NS)
+    launch(
+        _lion_s_scan, (sc.BH,), T,
+        sl, slz, hl, hlz,
+        sr, srz, hr, hrz,
+        sc.NS, LEFT=True, RIGHT=True, **consts,
+    )
+    # stage 3: the outputs
     y = torch.empty_like(v)
     n = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
-    acc = torch.empty(B, L, H, shape.dv, dtype=torch.float32, device=q.device)
-    g, g_rowed, g_stride = _gate_layout(gate, shape)
     launch(
-        _lion_s_chunk_fwd,
-        (B * H,),
-        q, k, v,
-        g, g_rowed, g_stride,
-        y, n,
-        acc,
-        L, H, _scale(shape.dk), EPS,
-        DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision,
+        _lion_s_fwd_output, grid, q, k, v,
+        *gates, to_end,
+
+        hl, hlz,
+        hr, hrz, cr, crz,
+        y, n, **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
     )
     return y, n
 

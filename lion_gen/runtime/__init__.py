@@ -10,6 +10,7 @@ from .checks import (
 )
 from .launch import launch, on_device
 from .reference import lion_reference
+from .schedule import segment_chunks
 
 __all__ = [
     "FORMS",
@@ -21,4 +22,5 @@ __all__ = [
     "lion_reference",
     "on_device",
     "resolve_form",
+    "segment_chunks",
 ]

@@ -1,0 +1,122 @@
+"""Spec-independent Triton helpers that every generated module imports (tile loads and stores, masks).
+
+They take fp32 tiles in and give fp32 tiles out unless they say otherwise. The spec-dependent pieces
+(the feature map, the log-decay and their derivatives) are printed into each generated module.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + exp(x)) without overflow: max(x, 0) + log1p(exp(-|x|)), log1p by series when tiny
+    u = tl.exp(-tl.abs(x))
+    return tl.maximum(x, 0.0) + tl.where(u < 1e-4, u * (1.0 - 0.5 * u), tl.log(1.0 + u))
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _load_rows(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr):
+    """A (C, BLOCK) tile of rows `rows` of a (B, L, H, DIM) tensor, zero outside."""
+    mask = (rows[:, None] < L) & (cols[None, :] < DIM)
+    return tl.load(ptr + base + rows[:, None].to(tl.int64) * STRIDE + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr, value):
+    mask = (rows[:, None] < L) & (cols[None, :] < DIM)
+    offsets = base + rows[:, None].to(tl.int64) * STRIDE + cols[None, :]
+    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_state(ptr, idx, o_k, o_v, DK: tl.constexpr, DV: tl.constexpr):
+    """State `idx` of a (..., DK, DV) buffer as a (BK, BV) fp32 tile, zero outside."""
+    mask = (o_k[:, None] < DK) & (o_v[None, :] < DV)
+    offsets = idx.to(tl.int64) * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_state_t(ptr, idx, o_v, o_k, DK: tl.constexpr, DV: tl.constexpr):
+    """State `idx` of a (..., DK, DV) buffer, transposed: a (BV, BK) fp32 tile read in that order."""
+    mask = (o_v[:, None] < DV) & (o_k[None, :] < DK)
+    offsets = idx.to(tl.int64) * (DK * DV) + o_k[None, :] * DV + o_v[:, None]
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_state(ptr, idx, o_k, o_v, DK: tl.constexpr, DV: tl.constexpr, value):
+    mask = (o_k[:, None] < DK) & (o_v[None, :] < DV)
+    offsets = idx.to(tl.int64) * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
+    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_vec(ptr, idx, o, DIM: tl.constexpr):
+    """Vector `idx` of a (..., DIM) fp32 buffer, zero outside."""
+    return tl.load(ptr + idx.to(tl.int64) * DIM + o, mask=o < DIM, other=0.0)
+
+
+@triton.jit
+def _store_vec(ptr, idx, o, DIM: tl.constexpr, value):
+    tl.store(ptr + idx.to(tl.int64) * DIM + o, value, mask=o < DIM)
+
+
+@triton.jit
+def _mask(Fa, Gb, LOWER: tl.constexpr, UPPER: tl.constexpr, C: tl.constexpr):
+    """M_ij = exp(Fa_i - Fa_j) below the diagonal, 1 on it, exp(Gb_j - Gb_i) above (each half only when
+    asked for, else 0): one exp per element, every exponent <= 0."""
+    o = tl.arange(0, C)
+    below = o[:, None] > o[None, :]
+    above = o[:, None] < o[None, :]
+    m = tl.exp(tl.where(below, Fa[:, None] - Fa[None, :], Gb[None, :] - Gb[:, None]))
+    if not LOWER:
+        m = tl.where(below, 0.0, m)
+    if not UPPER:
+        m = tl.where(above, 0.0, m)
+    return m
+
+
+@triton.jit
+def _causal(LOWER: tl.constexpr, UPPER: tl.constexpr, C: tl.constexpr):
+    """The mask of an ungated spec: 1 where a half is asked for and on the diagonal, else 0."""
+    o = tl.arange(0, C)
+    keep = o[:, None] == o[None, :]
+    if LOWER:
+        keep = keep | (o[:, None] > o[None, :])
+    if UPPER:
+        keep = keep | (o[:, None] < o[None, :])
+    return tl.where(keep, 1.0, 0.0)
+
+
+@triton.jit
+def _sdot(a, b, SD: tl.constexpr, PREC: tl.constexpr):
+    """a @ b for a dot that involves a carried state, with fp32 accumulation. SD = 0 (fp32 runs): fp32
+    operands at PREC; 1 (bfloat16 runs): bf16 operands; 2 (float16 runs): a in bf16 and b split into
+    bf16 hi + lo parts (about 16 mantissa bits: fp16 cannot hold a state, one bf16 part is too coarse)."""
+    if SD == 0:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    elif SD == 1:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        hi = b.to(tl.bfloat16)
+        lo = (b.to(tl.float32) - hi.to(tl.float32)).to(tl.bfloat16)
+        ab = a.to(tl.bfloat16)
+        return tl.dot(ab, hi) + tl.dot(ab, lo)
+
+
+@triton.jit
+def _sround(a, SD: tl.constexpr):
+    """``a`` rounded as _sdot rounds its first operand (fp32 values)."""
+    if SD == 0:
+        return a
+    else:
+        return a.to(tl.bfloat16).to(tl.float32)
