@@ -4,14 +4,18 @@
     lion-gen --check [--specs DIR] [--out DIR]      exit 1 if any file under --out differs from its spec's output
     lion-gen explain SPEC.yaml                      print the derived equations, facts and stages
 
-Exit codes: 0 ok, 1 --check found stale files, 2 a bad spec or bad arguments (nothing is written),
-3 an internal error of lion-gen (a bug: please report it with the spec).
+Exit codes: 0 ok, 1 --check found stale files, 2 a bad spec or bad arguments, an --out that cannot be
+made or written included (nothing is written), 3 an internal error of lion-gen (a bug: please report it
+with the spec).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,12 +75,49 @@ def generate(paths: Sequence[str], out_dir: str) -> int:
     except SpecError as e:
         return _fail(str(e))
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        return _fail(f"--out {out_dir}: exists and is not a directory")
+    reason = _prepare_out(out)
+    if reason:
+        return _fail(f"--out {out_dir}: {reason}")
     for name, source in sources.items():
-        write_atomic(out / f"{name}.py", source)
+        try:
+            write_atomic(out / f"{name}.py", source)
+        except OSError as e:  # after the probe succeeded: a full disk, a quota, a race
+            return _fail(f"--out {out_dir}: cannot write {name}.py: {e.strerror or e}")
         print(f"wrote {out / f'{name}.py'}")
     return EXIT_OK
+
+
+def _prepare_out(out: Path) -> str | None:
+    """Make ``out`` (and missing parents) and check that files can be created in it.
+
+    Returns why not, having removed any directory it made, or None when ``out`` is ready.
+    """
+    made: list[Path] = []
+    step = "cannot use it"
+    try:
+        if out.exists() and not out.is_dir():
+            return "exists and is not a directory"
+        missing = []
+        base = out
+        while not base.exists() and base.parent != base:
+            missing.append(base)
+            base = base.parent
+        if not base.is_dir():
+            return f"{base} is not a directory"
+        for d in reversed(missing):
+            step = f"cannot create the directory {d}"
+            d.mkdir()
+            made.append(d)
+        step = "cannot create files in it"
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".lion-gen-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        return f"{step}: {e.strerror or e}"
+    return None
 
 
 def check(spec_dir: str, out_dir: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -169,6 +170,95 @@ def test_out_that_is_a_file(tmp_path, capsys):
     assert main([str(LION_S), "--out", str(out)]) == 2
     assert out.read_text(encoding="utf-8") == "not a dir"
     assert "--out" in capsys.readouterr().err
+
+
+def unwritable(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Nothing can be created under ``root``: mode 0555, and, for root (whom modes do not stop), os.mkdir and
+    os.open(O_CREAT) refuse there as they would for anyone else."""
+    if root.exists():
+        root.chmod(0o555)
+    if os.geteuid() != 0:
+        return
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def under(path: object) -> bool:
+        return Path(os.fsdecode(path)).absolute().is_relative_to(root)
+
+    def denied(path: object) -> PermissionError:
+        return PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+
+    def guarded_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and under(path):
+            raise denied(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def guarded_mkdir(path, *args, **kwargs):
+        if under(path):
+            raise denied(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_open)
+    monkeypatch.setattr(os, "mkdir", guarded_mkdir)
+
+
+def assert_out_refused(argv_out: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    assert main([str(LION_S), "--out", str(argv_out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lion-gen: error: --out "), err  # one line, not "internal error"
+    assert str(argv_out) in err
+    return err
+
+
+def test_out_under_a_file(tmp_path, capsys):
+    parent = tmp_path / "file"
+    parent.write_text("not a dir", encoding="utf-8")
+    assert "not a directory" in assert_out_refused(parent / "out", capsys)
+    assert files_in(tmp_path) == ["file"] and parent.read_text(encoding="utf-8") == "not a dir"
+
+
+def test_out_in_a_read_only_directory(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("keep", encoding="utf-8")
+    unwritable(monkeypatch, out)
+    try:
+        assert "cannot create files in it" in assert_out_refused(out, capsys)
+        assert files_in(out) == ["keep.txt"]
+    finally:
+        out.chmod(0o755)
+
+
+def test_out_whose_parent_cannot_be_created(tmp_path, monkeypatch, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    unwritable(monkeypatch, locked)
+    try:
+        err = assert_out_refused(locked / "missing" / "out", capsys)
+        assert f"cannot create the directory {locked / 'missing'}" in err
+        assert files_in(locked) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_out_made_but_not_writable_is_removed_again(tmp_path, monkeypatch, capsys):
+    """The directories made for --out are removed when no file can be created in them."""
+    real_open = os.open
+
+    def no_files(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and Path(os.fsdecode(path)).is_relative_to(tmp_path / "new"):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_files)
+    assert "cannot create files in it" in assert_out_refused(tmp_path / "new" / "a" / "out", capsys)
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("out", ["/proc", "/proc/lion-gen-test/out"])
+def test_out_in_proc_for_real(out, capsys):
+    """No mock: /proc takes no new files or directories, even from root."""
+    assert_out_refused(Path(out), capsys)
 
 
 # Regression (fixed): a failed proof inside the planner that raises something other than SpecError escapes the CLI as a
