@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
+
+from .interpreter import bf16_dot_ok, interpreting
 
 FORMS = ("auto", "chunk", "parallel", "recurrent", "reference")
 
@@ -111,11 +112,18 @@ def kernel_settings(q: torch.Tensor, shape: Shape, chunk_size: object, default_c
         )
     if max(shape.dk, shape.dv) > MAX_HEAD_DIM:
         raise ValueError(f"head dims must be at most {MAX_HEAD_DIM}, got Dk={shape.dk}, Dv={shape.dv}")
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError(
             f"the kernel forms need CUDA tensors (q is on {q.device}); set TRITON_INTERPRET=1 to run them on "
             "the CPU, slowly, or use form='reference'"
         )
+    if q.dtype == torch.bfloat16 and interpreting():
+        ok, why = bf16_dot_ok()
+        if not ok:
+            raise TypeError(
+                f"bfloat16 kernel calls are refused under the Triton interpreter (TRITON_INTERPRET=1): {why}; "
+                "use float32 or float16 there, form='reference', or a GPU"
+            )
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32: no tf32 (accuracy bar 1e-4)
     return KernelSettings(chunk_size, _pow2_at_least(shape.dk), _pow2_at_least(shape.dv), precision)
 
