@@ -71,6 +71,7 @@ from lion_gen.runtime.tiles import (  # spec-independent Triton helpers
     _load_vec,
     _mask,
     _sdot,
+    _sdot_a,
     _softplus,
     _sround,
     _store_rows,
@@ -121,6 +122,13 @@ def _load_features(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr):
 def _feature_backward(x, phi, norm, g):
     """dL/dx from g = dL/dphi (through the l2 adjoint when phi is normalized, then f'(x))."""
     return _feature_grad(x) * g
+
+
+@triton.jit
+def _output_adjoint_dn(n_ptr, dy_ptr, dn_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr):
+    """dO = dY (rows are not normalized)."""
+    dY = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+    return dY, tl.sum(dY, 1) * 0.0
 
 
 @triton.jit
@@ -247,21 +255,63 @@ def _linear_causal_fwd_output(
         HL += _sdot(tl.trans(K), V, SD, PREC)
 
 
-# Chunkwise backward (one program per (b, h); docs/lion_math.md section 4):
-#   dQ_i = sum_j M_ij (dO'_i . v'_j) K_j,  dK_j = sum_i M_ij (v'_j . dO'_i) Q_i,  dv_j = sum_i M_ij (K_j . Q_i) dO_i
-# Left to right: the intra-chunk blocks, dQ from the forward state H^F = sum exp(.) v'_j K_j^T
-# Right to left: dK, dv of the lower triangle from D^L = sum_i exp(.) Q_i dO'_i^T.
-# Transposed score tiles (S^T = K Q^T, dS^T = v' dO'^T) are formed directly, never by transposing a
-# dot result (a Hopper miscompile in Triton 3.4-3.7).
-@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
-def _linear_causal_chunk_bwd(
-    q_ptr, k_ptr, v_ptr,
-    y_ptr, n_ptr, dy_ptr, dq_ptr, dk_ptr, dv_ptr,
-    dq_acc, dk_acc, dv_acc,
-    L, H, scale, eps,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+# Stage 1 of the backward pass: one program per (b, h, segment) sweeps the segment's chunks right to left.
+# Rows are (X, Y') = (Q_i, dO'_i), dO' = dY.
+#   right-to-left state entering chunk n from inside the segment, for every chunk n:
+#     R_n = sum_{r in s, r >= en_n} exp(G_r - P_en_n) X_r Y'_r^T,  and the summary S^R_s = R at the segment's start
+@triton.jit(do_not_specialize=["L", "SEG", "NS"])
+def _linear_causal_bwd_summary(
+    q_ptr, y_ptr, n_ptr, dy_ptr,
+    sr_ptr, cr_ptr,
+    L, H, SEG, NS, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    dt = y_ptr.dtype.element_ty
+    N = tl.cdiv(L, C)
+    s = tl.program_id(1)  # the segment: chunks [n0, n1)
+    n0 = s * SEG
+    n1 = tl.minimum(n0 + SEG, N)
+    seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
+    sr = tl.zeros([BK, BV], tl.float32)
+    for i in range(n1 - n0):
+        n = n1 - 1 - i
+        rows = n * C + o_c
+        _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
+        Q = Q * scale
+        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+        cidx = pid.to(tl.int64) * N + n
+        _store_state(cr_ptr, cidx, o_k, o_v, DK, DV, sr)
+        sr += _sdot(tl.trans(Q), dO, SD, PREC)
+    _store_state(sr_ptr, seg, o_k, o_v, DK, DV, sr)
+
+
+# Stage 3 of the backward pass: one program per (b, h, segment) sweeps its chunks left to right
+# (docs/lion_math.md section 4):
+#   dQ_i = sum_j M_ij (dO'_i . v'_j) K_j,  dK_j = sum_i M_ij (v'_j . dO'_i) Q_i,  dv_j = sum_i M_ij (K_j . Q_i) dO_i
+# Intra-chunk blocks directly (S^T = K Q^T and dS^T = v' dO'^T formed directly, never by transposing a
+# dot result: a Hopper miscompile in Triton 3.4-3.7). Beyond the chunk:
+#   keys left:     dQ += exp(F_i - P_st) dO'_i H^L^T          (H^L from forward stage 2, carried along)
+#   queries right: dK, dv += exp(P_en - F_j) [v'_j D_n^T, K_j D_n],  D_n = R'_n + exp(P_b - P_en) D^R  (backward stages 1, 2)
+@triton.jit(do_not_specialize=["L", "SEG", "NS"])
+def _linear_causal_bwd_grads(
+    q_ptr, k_ptr, v_ptr,
+    n_ptr, dy_ptr,
+    hl_ptr,
+    qr_ptr, cq_ptr,
+    dq_ptr, dk_ptr, dv_ptr,
+    L, H, SEG, NS, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
     b = (pid // H).to(tl.int64)
     h = pid % H
     qk_base = (b * L * H + h) * DK
@@ -272,26 +322,31 @@ def _linear_causal_chunk_bwd(
     o_v = tl.arange(0, BV)
     dt = v_ptr.dtype.element_ty
     N = tl.cdiv(L, C)
+    s = tl.program_id(1)  # the segment: chunks [n0, n1)
+    n0 = s * SEG
+    n1 = tl.minimum(n0 + SEG, N)
+    seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
     o_r = o_c[:, None]
     o_s = o_c[None, :]
-
-    # ---- left to right
-    hf_t = tl.zeros([BV, BK], tl.float32)  # H^F transposed: sum_j exp(P_st - F_j) v_j K_j^T
-    for n in range(N):
+    HLt = _load_state_t(hl_ptr, seg, o_v, o_k, DK, DV)  # keys left, transposed: sum_j exp(.) v_j K_j^T
+    QR = _load_state(qr_ptr, seg, o_k, o_v, DK, DV)  # queries right of the segment
+    for n in range(n0, n1):
         rows = n * C + o_c
-        _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
-        Q = Q * scale
-        _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
+        xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
+        Q = phq * scale
+        xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+        dO, dn = _output_adjoint_dn(n_ptr, dy_ptr, n_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
         pl = tl.zeros([C], tl.float32)  # no mask: flat potentials
         cl = pl
         total = tl.sum(pl, 0)
+        cidx = pid.to(tl.int64) * N + n
+        to_end = 1.0
         Qd = Q.to(dt)
         Kd = K.to(dt)
         dOd = dO.to(dt)
-        m = _mask(cl, cl, True, False, C)  # M_ij
-        m_t = _mask(cl, cl, False, True, C)  # M_ji, built directly
+        m = _causal(True, False, C)  # M_ij
+        m_t = _causal(False, True, C)  # M_ji, built directly
         S = tl.dot(Qd, tl.trans(Kd), input_precision=PREC)
         S_t = tl.dot(Kd, tl.trans(Qd), input_precision=PREC)
         dS = tl.dot(dOd, tl.trans(V), input_precision=PREC)
@@ -299,45 +354,20 @@ def _linear_causal_chunk_bwd(
         dQ = tl.dot((dS * m).to(dt), Kd, input_precision=PREC)
         dK = tl.dot((dS_t * m_t).to(dt), Qd, input_precision=PREC)
         dV = tl.dot((S_t * m_t).to(dt), dOd, input_precision=PREC)
-        dq_low = tl.exp(cl)[:, None] * (tl.dot(dO, hf_t, input_precision=PREC))
-        dQ += dq_low
-        _store_rows(dq_acc, qk_base, rows, o_k, L, H * DK, DK, dQ)
-        _store_rows(dk_acc, qk_base, rows, o_k, L, H * DK, DK, dK)
-        _store_rows(dv_acc, v_base, rows, o_v, L, H * DV, DV, dV)
-        decay = tl.exp(total)
-        Kw = K * tl.exp(total - cl)[:, None]
-        hf_t = decay * hf_t + tl.dot(tl.trans(V), Kw.to(dt), input_precision=PREC)
-
-    # ---- right to left
-    dl_s = tl.zeros([BK, BV], tl.float32)  # D^L = sum_i exp(F_i - P_en) Q_i dO_i^T, and its transpose
-    dl_t = tl.zeros([BV, BK], tl.float32)
-    for i in range(N):
-        n = N - 1 - i
-        rows = n * C + o_c
-        xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
-        Q = phq * scale
-        xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
-        V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
-        pl = tl.zeros([C], tl.float32)  # no mask: flat potentials
-        cl = pl
-        total = tl.sum(pl, 0)
-        Kd = K.to(dt)
-        dOd = dO.to(dt)
-        dQ = _load_rows(dq_acc, qk_base, rows, o_k, L, H * DK, DK)
-        dK = _load_rows(dk_acc, qk_base, rows, o_k, L, H * DK, DK)
-        dV = _load_rows(dv_acc, v_base, rows, o_v, L, H * DV, DV)
-        wf = tl.exp(total - cl)[:, None]
-        dk_low = wf * (tl.dot(V.to(tl.float32), dl_t, input_precision=PREC))
-        dK += dk_low
-        dV += wf * tl.dot(K, dl_s, input_precision=PREC)
+        # keys left of the chunk
+        dq_l = _sdot(dO, HLt, SD, PREC)
+        dQ += dq_l
+        # queries right of the chunk
+        Dn = _load_state(cq_ptr, cidx, o_k, o_v, DK, DV) + to_end * QR
+        dk_r = _sdot(V, tl.trans(Dn), SD, PREC)
+        dv_r = _sdot(K, Dn, SD, PREC)
+        dK += dk_r
+        dV += dv_r
         _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale))
         _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xk, K, nk, dK))
         _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
-        decay = tl.exp(total)
-        Qw = Q * tl.exp(cl)[:, None]
-        dl_s = decay * dl_s + tl.dot(tl.trans(Qw).to(dt), dOd, input_precision=PREC)
-        dl_t = decay * dl_t + tl.dot(tl.trans(dOd), Qw.to(dt), input_precision=PREC)
+        # carry the left states past this chunk
+        HLt += _sdot_a(tl.trans(V), K, SD, PREC)
 
 
 # Parallel (tiled attention) forward: one program per (b, h, query tile); docs/lion_math.md section 3.3:
@@ -563,8 +593,10 @@ def _chunk_forward(q, k, v, gate, shape, st):
     seq = dict(L=L, H=H, SEG=sc.SEG, NS=sc.NS)
     grid = (sc.BH, sc.NS)
     gates = ()
+    T = to_end = None
     # stage 1: per-segment summaries (and, right to left, the state entering each chunk from its right)
     sl, slz = sc.states(sc.NS)
+    cr = crz = None
     launch(
         _linear_causal_fwd_summary, grid, k, v, *gates,
         sl,
@@ -587,25 +619,46 @@ def _chunk_forward(q, k, v, gate, shape, st):
         hl,
         y, n, **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
     )
-    return y, n
+    return y, n, (T, to_end, hl, hlz, hr, hrz, cr, crz)  # what the backward pass reuses
 
 
-def _chunk_backward(q, k, v, gate, y, n, dy, shape, st):
+def _chunk_backward(q, k, v, gate, y, n, dy, saved, shape, st):
+    sc = _Schedule(q, shape, st)
     B, L, H = shape.batch, shape.length, shape.heads
+    T, to_end, hl, hlz, hr, hrz, cr, crz = saved
+    consts = sc.consts(st)
+    seq = dict(L=L, H=H, SEG=sc.SEG, NS=sc.NS)
+    grid = (sc.BH, sc.NS)
+    gates = ()
+    # stage 1: per-segment summaries of (Q, dO') (and, right to left, the state entering each chunk from its right)
+    bl, blz = sc.states(sc.NS)
+    br, brz = sc.states(sc.NS)
+    cq, cqz = sc.states(sc.N)
+    launch(
+        _linear_causal_bwd_summary, grid, q, y, n, dy, *gates,
+        br, cq,
+        **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
+    )
+    # stage 2: the (Q, dO') states carried into every segment
+    ql, qlz = sc.states(sc.NS)
+    qr, qrz = sc.states(sc.NS)
+    launch(
+        _linear_causal_scan, (sc.BH,),
+        bl, ql,
+        br, qr,
+        sc.NS, LEFT=False, RIGHT=True, **consts,
+    )
+    # stage 3: dq, dk, dv
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    dq_acc = torch.empty(B, L, H, shape.dk, dtype=torch.float32, device=q.device)
-    dk_acc = torch.empty(B, L, H, shape.dk, dtype=torch.float32, device=q.device)
-    dv_acc = torch.empty(B, L, H, shape.dv, dtype=torch.float32, device=q.device)
     launch(
-        _linear_causal_chunk_bwd,
-        (B * H,),
-        q, k, v,
-        y, n, dy, dq, dk, dv,
-        dq_acc, dk_acc, dv_acc,
-        L, H, _scale(shape.dk), EPS,
-        DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision,
+        _linear_causal_bwd_grads, grid, q, k, v,
+        n, dy,
+        hl,
+        qr, cq,
+        dq, dk, dv,
+        **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
     )
     return dq, dk, dv, None
 
@@ -621,10 +674,10 @@ def _parallel_forward(q, k, v, gate, shape, st):
         y, n, L, H, _scale(shape.dk), EPS,
         DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision,
     )
-    return y, n
+    return y, n, ()
 
 
-def _parallel_backward(q, k, v, gate, y, n, dy, shape, st):
+def _parallel_backward(q, k, v, gate, y, n, dy, saved, shape, st):
     B, L, H = shape.batch, shape.length, shape.heads
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -647,17 +700,17 @@ class _Function(torch.autograd.Function):
     def forward(ctx, q, k, v, gate, shape, st, algorithm):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with on_device(q):
-            y, n = _FORWARD[algorithm](q, k, v, gate, shape, st)
-        ctx.save_for_backward(q, k, v, gate, y, n)
+            y, n, saved = _FORWARD[algorithm](q, k, v, gate, shape, st)
+        ctx.save_for_backward(q, k, v, gate, y, n, *saved)
         ctx.shape, ctx.st, ctx.algorithm = shape, st, algorithm
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        q, k, v, gate, y, n = ctx.saved_tensors
+        q, k, v, gate, y, n, *saved = ctx.saved_tensors
         with on_device(q):
-            grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)
+            grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), saved, ctx.shape, ctx.st)
         return (*grads, None, None, None)
 
 

@@ -88,6 +88,7 @@ from lion_gen.runtime.tiles import (  # spec-independent Triton helpers
     _load_vec,
     _mask,
     _sdot,
+    _sdot_a,
     _softplus,
     _sround,
     _store_rows,
@@ -155,6 +156,14 @@ def _feature_backward(x, phi, norm, g):
     norm = norm[:, None]
     g = (-dot*phi + g)/norm
     return _feature_grad(x) * g
+
+
+@triton.jit
+def _output_adjoint_dn(n_ptr, dy_ptr, dn_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr):
+    """dO' = [dY / (n + eps), dn] as (dO, dn) in fp32, dn as backward stage 1 wrote it."""
+    dY = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+    r = 1.0 / (tl.load(n_ptr + n_base + rows * H, mask=rows < L, other=1.0) + eps)
+    return dY * r[:, None], tl.load(dn_ptr + n_base + rows * H, mask=rows < L, other=0.0)
 
 
 @triton.jit
@@ -344,26 +353,94 @@ def _lion_d_fwd_output(
         zl = decay * zl + tl.sum(Kl, 0)
 
 
-# Chunkwise backward (one program per (b, h); docs/lion_math.md section 4):
-#   dQ_i = sum_j M_ij (dO'_i . v'_j) K_j,  dK_j = sum_i M_ij (v'_j . dO'_i) Q_i,  dv_j = sum_i M_ij (K_j . Q_i) dO_i
-# Left to right: the intra-chunk blocks, dQ from the forward state H^F = sum exp(.) v'_j K_j^T, and dK, dv
-# of the upper triangle from D^U = sum_i exp(.) Q_i dO'_i^T.
-# Right to left: dK, dv of the lower triangle from D^L = sum_i exp(.) Q_i dO'_i^T, dQ from the backward state H^B.
-# Transposed score tiles (S^T = K Q^T, dS^T = v' dO'^T) are formed directly, never by transposing a
-# dot result (a Hopper miscompile in Triton 3.4-3.7).
-# Gate: W_ij = dS_ij S_ij M_ij; dF_m = Q_m . dQ^low_m - K_m . dK^low_m, dG_m = K_m . dK^up_m - Q_m . dQ^up_m,
-#   dl_s = sum_(m+0>s) dF_m + sum_(m+1>s) dG_m (suffix sums carried right to left), dgate = dl * dl/dz.
-@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
-def _lion_d_chunk_bwd(
-    q_ptr, k_ptr, v_ptr,
+# Stage 1 of the backward pass: one program per (b, h, segment) sweeps the segment's chunks right to left.
+# Rows are (X, Y') = (Q_i, dO'_i), dO' = [dY/(n + eps), dn],  dn = -(dY . Y)/(n + eps) (written for stage 3).
+#   left-to-right summary:  S^L_s = sum_{r in s} exp(P_b - G_r) X_r Y'_r^T       (b = the segment's end)
+#   right-to-left state entering chunk n from inside the segment, for every chunk n:
+#     R_n = sum_{r in s, r >= en_n} exp(F_r - P_en_n) X_r Y'_r^T,  and the summary S^R_s = R at the segment's start
+@triton.jit(do_not_specialize=["L", "SEG", "NS"])
+def _lion_d_bwd_summary(
+    q_ptr, y_ptr, n_ptr, dy_ptr, dn_ptr,
     g_ptr, G_ROWED, G_STRIDE,
-    y_ptr, n_ptr, dy_ptr, dq_ptr, dk_ptr, dv_ptr,
-    dq_acc, dk_acc, dv_acc,
-    dg_ptr, df_acc, dg_acc,
-    L, H, scale, eps,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+    sl_ptr, slz_ptr,
+    sr_ptr, srz_ptr, cr_ptr, crz_ptr,
+    L, H, SEG, NS, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    g_base = (b * L * H) * G_ROWED + h
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    dt = y_ptr.dtype.element_ty
+    N = tl.cdiv(L, C)
+    s = tl.program_id(1)  # the segment: chunks [n0, n1)
+    n0 = s * SEG
+    n1 = tl.minimum(n0 + SEG, N)
+    seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
+    sl = tl.zeros([BK, BV], tl.float32)
+    slz = tl.zeros([BK], tl.float32)
+    sr = tl.zeros([BK, BV], tl.float32)
+    srz = tl.zeros([BK], tl.float32)
+    R = tl.sum(tl.zeros([C], tl.float32), 0)  # P_b - P_en_n: log-decay from this chunk's end to the segment's end
+    for i in range(n1 - n0):
+        n = n1 - 1 - i
+        rows = n * C + o_c
+        _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
+        Q = Q * scale
+        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+        tl.store(dn_ptr + n_base + rows * H, dn, mask=rows < L)
+        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L)
+        cidx = pid.to(tl.int64) * N + n
+        _store_state(cr_ptr, cidx, o_k, o_v, DK, DV, sr)
+        _store_vec(crz_ptr, cidx, o_k, DK, srz)
+        Xr = Q * tl.exp(pl)[:, None]
+        decay = tl.exp(total)
+        sr = decay * sr + _sdot(tl.trans(Xr), dO, SD, PREC)
+        srz = decay * srz + tl.sum(Xr * dn[:, None], 0)
+        Xl = Q * tl.exp(R + total - cl)[:, None]
+        sl += _sdot(tl.trans(Xl), dO, SD, PREC)
+        slz += tl.sum(Xl * dn[:, None], 0)
+        R += total
+    _store_state(sl_ptr, seg, o_k, o_v, DK, DV, sl)
+    _store_vec(slz_ptr, seg, o_k, DK, slz)
+    _store_state(sr_ptr, seg, o_k, o_v, DK, DV, sr)
+    _store_vec(srz_ptr, seg, o_k, DK, srz)
+
+
+# Stage 3 of the backward pass: one program per (b, h, segment) sweeps its chunks left to right
+# (docs/lion_math.md section 4):
+#   dQ_i = sum_j M_ij (dO'_i . v'_j) K_j,  dK_j = sum_i M_ij (v'_j . dO'_i) Q_i,  dv_j = sum_i M_ij (K_j . Q_i) dO_i
+# Intra-chunk blocks directly (S^T = K Q^T and dS^T = v' dO'^T formed directly, never by transposing a
+# dot result: a Hopper miscompile in Triton 3.4-3.7). Beyond the chunk:
+#   keys left:     dQ += exp(F_i - P_st) dO'_i H^L^T          (H^L from forward stage 2, carried along)
+#   keys right:    dQ += exp(P_en - G_i) dO'_i (R_n + exp(P_b - P_en) H^R)^T   (forward stages 1 and 2)
+#   queries left:  dK, dv += exp(G_j - P_st) [v'_j D^L^T, K_j D^L]           (D^L from backward stage 2, carried along)
+#   queries right: dK, dv += exp(P_en - F_j) [v'_j D_n^T, K_j D_n],  D_n = R'_n + exp(P_b - P_en) D^R  (backward stages 1, 2)
+# Gate terms per row, from the same pieces: W_ij = dS_ij S_ij M_ij,
+#   dF_m = sum_{j<m} W_mj - sum_{i>m} W_im = Q_m . dQ^(keys left)_m - K_m . dK^(queries right)_m
+#   dG_m = sum_{i<m} W_im - sum_{j>m} W_mj = K_m . dK^(queries left)_m - Q_m . dQ^(keys right)_m
+# written per row with per-segment totals; the gate stage turns them into suffix sums.
+@triton.jit(do_not_specialize=["L", "SEG", "NS"])
+def _lion_d_bwd_grads(
+    q_ptr, k_ptr, v_ptr,
+    g_ptr, G_ROWED, G_STRIDE, rs_ptr,
+    n_ptr, dy_ptr, dn_ptr,
+    hl_ptr, hlz_ptr,
+    hr_ptr, hrz_ptr, cr_ptr, crz_ptr,
+    ql_ptr, qlz_ptr,
+    qr_ptr, qrz_ptr, cq_ptr, cqz_ptr,
+    dq_ptr, dk_ptr, dv_ptr,
+    df_ptr, tf_ptr, dg_ptr, tg_ptr,
+    L, H, SEG, NS, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
     b = (pid // H).to(tl.int64)
     h = pid % H
     qk_base = (b * L * H + h) * DK
@@ -375,23 +452,33 @@ def _lion_d_chunk_bwd(
     o_v = tl.arange(0, BV)
     dt = v_ptr.dtype.element_ty
     N = tl.cdiv(L, C)
+    s = tl.program_id(1)  # the segment: chunks [n0, n1)
+    n0 = s * SEG
+    n1 = tl.minimum(n0 + SEG, N)
+    seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
     o_r = o_c[:, None]
     o_s = o_c[None, :]
-
-    # ---- left to right
-    hf_t = tl.zeros([BV, BK], tl.float32)  # H^F transposed: sum_j exp(P_st - F_j) v_j K_j^T
-    zf = tl.zeros([BK], tl.float32)
-    du = tl.zeros([BK, BV], tl.float32)  # D^U = sum_i exp(P_st - G_i) Q_i dO_i^T, and its transpose
-    du_t = tl.zeros([BV, BK], tl.float32)
-    eu = tl.zeros([BK], tl.float32)
-    for n in range(N):
+    HLt = _load_state_t(hl_ptr, seg, o_v, o_k, DK, DV)  # keys left, transposed: sum_j exp(.) v_j K_j^T
+    zl = _load_vec(hlz_ptr, seg, o_k, DK)
+    HRt = _load_state_t(hr_ptr, seg, o_v, o_k, DK, DV)  # keys right of the segment, transposed
+    zr = _load_vec(hrz_ptr, seg, o_k, DK)
+    QL = _load_state(ql_ptr, seg, o_k, o_v, DK, DV)  # queries left: sum_i exp(.) Q_i dO_i^T, and its transpose
+    QLt = _load_state_t(ql_ptr, seg, o_v, o_k, DK, DV)
+    el = _load_vec(qlz_ptr, seg, o_k, DK)
+    QR = _load_state(qr_ptr, seg, o_k, o_v, DK, DV)  # queries right of the segment
+    er = _load_vec(qrz_ptr, seg, o_k, DK)
+    sum_f = tl.sum(tl.zeros([C], tl.float32), 0)
+    sum_g = sum_f
+    for n in range(n0, n1):
         rows = n * C + o_c
-        _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
-        Q = Q * scale
-        _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
+        xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
+        Q = phq * scale
+        xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+        dO, dn = _output_adjoint_dn(n_ptr, dy_ptr, dn_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
         _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L)
+        cidx = pid.to(tl.int64) * N + n
+        to_end = tl.exp(tl.load(rs_ptr + cidx))  # exp(P_b - P_en)
         Qd = Q.to(dt)
         Kd = K.to(dt)
         dOd = dO.to(dt)
@@ -409,81 +496,96 @@ def _lion_d_chunk_bwd(
         dF = tl.sum(W_low, 1) - tl.sum(W_low, 0)
         W_up = tl.where(o_r < o_s, W, 0.0)
         dG = tl.sum(W_up, 0) - tl.sum(W_up, 1)
-        dq_low = tl.exp(pl)[:, None] * (tl.dot(dO, hf_t, input_precision=PREC) + dn[:, None] * zf[None, :])
-        dQ += dq_low
-        dF += tl.sum(Q * dq_low, 1)
-        wg = tl.exp(cl)[:, None]
-        dk_up = wg * (tl.dot(V.to(tl.float32), du_t, input_precision=PREC) + eu[None, :])
-        dK += dk_up
-        dV += wg * tl.dot(K, du, input_precision=PREC)
-        dG += tl.sum(K * dk_up, 1)
-        _store_rows(dq_acc, qk_base, rows, o_k, L, H * DK, DK, dQ)
-        _store_rows(dk_acc, qk_base, rows, o_k, L, H * DK, DK, dK)
-        _store_rows(dv_acc, v_base, rows, o_v, L, H * DV, DV, dV)
-        tl.store(df_acc + n_base + rows * H, dF, mask=rows < L)
-        tl.store(dg_acc + n_base + rows * H, dG, mask=rows < L)
-        decay = tl.exp(total)
-        Kw = K * tl.exp(total - pl)[:, None]
-        hf_t = decay * hf_t + tl.dot(tl.trans(V), Kw.to(dt), input_precision=PREC)
-        zf = decay * zf + tl.sum(Kw, 0)
-        Qw = Q * tl.exp(total - cl)[:, None]
-        du = decay * du + tl.dot(tl.trans(Qw).to(dt), dOd, input_precision=PREC)
-        du_t = decay * du_t + tl.dot(tl.trans(dOd), Qw.to(dt), input_precision=PREC)
-        eu = decay * eu + tl.sum(Qw * dn[:, None], 0)
-
-    # ---- right to left
-    dl_s = tl.zeros([BK, BV], tl.float32)  # D^L = sum_i exp(F_i - P_en) Q_i dO_i^T, and its transpose
-    dl_t = tl.zeros([BV, BK], tl.float32)
-    el = tl.zeros([BK], tl.float32)
-    hb_t = tl.zeros([BV, BK], tl.float32)  # H^B transposed: sum_j exp(G_j - P_en) v_j K_j^T
-    zb = tl.zeros([BK], tl.float32)
-    carry_f = tl.zeros([C], tl.float32)  # sum of dF over the rows right of this chunk (every lane)
-    carry_g = tl.zeros([C], tl.float32)
-    dl_sum = tl.zeros([C], tl.float32)
-    for i in range(N):
-        n = N - 1 - i
-        rows = n * C + o_c
-        xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
-        Q = phq * scale
-        xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
-        V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
-        z, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L)
-        Kd = K.to(dt)
-        dOd = dO.to(dt)
-        dQ = _load_rows(dq_acc, qk_base, rows, o_k, L, H * DK, DK)
-        dK = _load_rows(dk_acc, qk_base, rows, o_k, L, H * DK, DK)
-        dV = _load_rows(dv_acc, v_base, rows, o_v, L, H * DV, DV)
-        wf = tl.exp(total - pl)[:, None]
-        dk_low = wf * (tl.dot(V.to(tl.float32), dl_t, input_precision=PREC) + el[None, :])
-        dK += dk_low
-        dV += wf * tl.dot(K, dl_s, input_precision=PREC)
-        dq_up = tl.exp(total - cl)[:, None] * (tl.dot(dO, hb_t, input_precision=PREC) + dn[:, None] * zb[None, :])
-        dQ += dq_up
+        # keys left of the chunk
+        dq_l = _sdot(dO, HLt, SD, PREC) + dn[:, None] * zl[None, :]
+        dq_l = tl.exp(pl)[:, None] * dq_l
+        dF += tl.sum(Q * dq_l, 1)
+        dQ += dq_l
+        # keys right of the chunk
+        Rt = tl.trans(_load_state(cr_ptr, cidx, o_k, o_v, DK, DV)) + to_end * HRt
+        dq_r = _sdot(dO, Rt, SD, PREC) + dn[:, None] * (_load_vec(crz_ptr, cidx, o_k, DK) + to_end * zr)[None, :]
+        dq_r = tl.exp(total - cl)[:, None] * dq_r
+        dG -= tl.sum(Q * dq_r, 1)
+        dQ += dq_r
+        # queries left of the chunk
+        wl = tl.exp(cl)[:, None]
+        dk_l = wl * (_sdot(V, QLt, SD, PREC) + el[None, :])
+        dG += tl.sum(K * dk_l, 1)
+        dK += dk_l
+        dV += wl * _sdot(K, QL, SD, PREC)
+        # queries right of the chunk
+        Dn = _load_state(cq_ptr, cidx, o_k, o_v, DK, DV) + to_end * QR
+        dk_r = _sdot(V, tl.trans(Dn), SD, PREC) + (_load_vec(cqz_ptr, cidx, o_k, DK) + to_end * er)[None, :]
+        dv_r = _sdot(K, Dn, SD, PREC)
+        wr = tl.exp(total - pl)[:, None]
+        dk_r = wr * dk_r
+        dv_r = wr * dv_r
+        dF -= tl.sum(K * dk_r, 1)
+        dK += dk_r
+        dV += dv_r
         _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale))
         _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xk, K, nk, dK))
         _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
         valid = rows < L
-        dF = tl.load(df_acc + n_base + rows * H, mask=valid, other=0.0) - tl.sum(K * dk_low, 1)
-        suffix = carry_f + tl.sum(dF, 0) - tl.cumsum(dF, 0)  # sum_{m > s} dF_m
-        dl = suffix
-        carry_f += tl.sum(dF, 0)
-        dG = tl.load(dg_acc + n_base + rows * H, mask=valid, other=0.0) - tl.sum(Q * dq_up, 1)
-        suffix = carry_g + tl.sum(dG, 0) - tl.cumsum(dG, 0)
-        dl += suffix + dG
-        carry_g += tl.sum(dG, 0)
-        dl = tl.where(valid, dl, 0.0)
-        dl_sum += dl
+        dF = tl.where(valid, dF, 0.0)
+        tl.store(df_ptr + n_base + rows * H, dF, mask=valid)
+        sum_f += tl.sum(dF, 0)
+        dG = tl.where(valid, dG, 0.0)
+        tl.store(dg_ptr + n_base + rows * H, dG, mask=valid)
+        sum_g += tl.sum(dG, 0)
+        # carry the left states past this chunk
         decay = tl.exp(total)
-        Qw = Q * tl.exp(pl)[:, None]
-        dl_s = decay * dl_s + tl.dot(tl.trans(Qw).to(dt), dOd, input_precision=PREC)
-        dl_t = decay * dl_t + tl.dot(tl.trans(dOd), Qw.to(dt), input_precision=PREC)
-        el = decay * el + tl.sum(Qw * dn[:, None], 0)
-        Kw = K * tl.exp(cl)[:, None]
-        hb_t = decay * hb_t + tl.dot(tl.trans(V), Kw.to(dt), input_precision=PREC)
-        zb = decay * zb + tl.sum(Kw, 0)
-    z_h = tl.load(g_ptr + h).to(tl.float32)
-    tl.store(dg_ptr + b * H + h, tl.sum(dl_sum, 0) * _log_decay_grad(z_h))
+        Kl = K * tl.exp(total - pl)[:, None]
+        HLt = decay * HLt + _sdot_a(tl.trans(V), Kl, SD, PREC)
+        zl = decay * zl + tl.sum(Kl, 0)
+        Ql = Q * tl.exp(total - cl)[:, None]
+        QL = decay * QL + _sdot(tl.trans(Ql), dO, SD, PREC)
+        QLt = decay * QLt + _sdot_a(tl.trans(dO), Ql, SD, PREC)
+        el = decay * el + tl.sum(Ql * dn[:, None], 0)
+    tl.store(tf_ptr + seg, sum_f)
+    tl.store(tg_ptr + seg, sum_g)
+
+
+# Gate gradient: one program per (b, h, segment) sweeps its chunks right to left (docs/lion_math.md 4.3):
+#   dl_s = sum_(m+0>s) dF_m + sum_(m+1>s) dG_m   (suffix sums; the segments to the right enter through their totals)
+#   dgate_h = (sum_s dl_s) * dl/dz(gate_h): each program writes its segment's sum of dl_s
+@triton.jit(do_not_specialize=["L", "SEG", "NS"])
+def _lion_d_gate_grad(
+    g_ptr, G_ROWED, G_STRIDE,
+    df_ptr, tf_ptr, dg_ptr, tg_ptr,
+    out_ptr,
+    L, H, SEG, NS,
+    C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    n_base = b * L * H + h
+    g_base = (b * L * H) * G_ROWED + h
+    o_c = tl.arange(0, C)
+    N = tl.cdiv(L, C)
+    s = tl.program_id(1)
+    n0 = s * SEG
+    n1 = tl.minimum(n0 + SEG, N)
+    seg = pid.to(tl.int64) * NS + s
+    carry_f = tl.sum(tl.zeros([C], tl.float32), 0)  # sum of dF over the rows right of this chunk
+    carry_g = carry_f
+    for r in range(s + 1, NS):
+        carry_f += tl.load(tf_ptr + pid.to(tl.int64) * NS + r)
+        carry_g += tl.load(tg_ptr + pid.to(tl.int64) * NS + r)
+    acc = tl.zeros([C], tl.float32)
+    for i in range(n1 - n0):
+        n = n1 - 1 - i
+        rows = n * C + o_c
+        valid = rows < L
+        dF = tl.load(df_ptr + n_base + rows * H, mask=valid, other=0.0)
+        dl = carry_f + tl.sum(dF, 0) - tl.cumsum(dF, 0)
+        carry_f += tl.sum(dF, 0)
+        dG = tl.load(dg_ptr + n_base + rows * H, mask=valid, other=0.0)
+        dl += carry_g + tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
+        carry_g += tl.sum(dG, 0)
+        acc += tl.where(valid, dl, 0.0)
+    tl.store(out_ptr + seg, tl.sum(acc, 0))
 
 
 # Parallel (tiled attention) forward: one program per (b, h, query tile); docs/lion_math.md section 3.3:
@@ -841,33 +943,60 @@ def _chunk_forward(q, k, v, gate, shape, st):
         hr, hrz, cr, crz,
         y, n, **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
     )
-    return y, n
+    return y, n, (T, to_end, hl, hlz, hr, hrz, cr, crz)  # what the backward pass reuses
 
 
-def _chunk_backward(q, k, v, gate, y, n, dy, shape, st):
+def _chunk_backward(q, k, v, gate, y, n, dy, saved, shape, st):
+    sc = _Schedule(q, shape, st)
     B, L, H = shape.batch, shape.length, shape.heads
+    T, to_end, hl, hlz, hr, hrz, cr, crz = saved
+    consts = sc.consts(st)
+    seq = dict(L=L, H=H, SEG=sc.SEG, NS=sc.NS)
+    grid = (sc.BH, sc.NS)
+    gates = _gate_layout(gate, shape)
+    dn = torch.empty(B, L, H, dtype=torch.float32, device=q.device)  # -(dY . Y) / (n + eps), from stage 1
+    # stage 1: per-segment summaries of (Q, dO') (and, right to left, the state entering each chunk from its right)
+    bl, blz = sc.states(sc.NS)
+    br, brz = sc.states(sc.NS)
+    cq, cqz = sc.states(sc.N)
+    launch(
+        _lion_d_bwd_summary, grid, q, y, n, dy, dn, *gates,
+        bl, blz,
+        br, brz, cq, cqz,
+        **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
+    )
+    # stage 2: the (Q, dO') states carried into every segment
+    ql, qlz = sc.states(sc.NS)
+    qr, qrz = sc.states(sc.NS)
+    launch(
+        _lion_d_scan, (sc.BH,), T,
+        bl, blz, ql, qlz,
+        br, brz, qr, qrz,
+        sc.NS, LEFT=True, RIGHT=True, **consts,
+    )
+    # stage 3: dq, dk, dv and the gate terms per row
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    dq_acc = torch.empty(B, L, H, shape.dk, dtype=torch.float32, device=q.device)
-    dk_acc = torch.empty(B, L, H, shape.dk, dtype=torch.float32, device=q.device)
-    dv_acc = torch.empty(B, L, H, shape.dv, dtype=torch.float32, device=q.device)
-    df_acc = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
-    dg_acc = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
-    g, g_rowed, g_stride = _gate_layout(gate, shape)
-    dgate = torch.empty(B, H, dtype=torch.float32, device=q.device)
+    rows = lambda: torch.empty(B, L, H, dtype=torch.float32, device=q.device)  # noqa: E731
+    totals = lambda: torch.empty(sc.BH, sc.NS, dtype=torch.float32, device=q.device)  # noqa: E731
+    terms = (rows(), totals(), rows(), totals())  # dF (and dG) per row, per-segment sums
     launch(
-        _lion_d_chunk_bwd,
-        (B * H,),
-        q, k, v,
-        g, g_rowed, g_stride,
-        y, n, dy, dq, dk, dv,
-        dq_acc, dk_acc, dv_acc,
-        dgate, df_acc, dg_acc,
-        L, H, _scale(shape.dk), EPS,
-        DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision,
+        _lion_d_bwd_grads, grid, q, k, v,
+        *gates, to_end,
+        n, dy, dn,
+        hl, hlz,
+        hr, hrz, cr, crz,
+        ql, qlz,
+        qr, qrz, cq, cqz,
+        dq, dk, dv, *terms,
+        **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
     )
-    return dq, dk, dv, dgate.sum(0).to(gate.dtype)
+    # stage 4: suffix sums of the gate terms, summed per segment; one number per head
+    part = torch.empty(sc.BH, sc.NS, dtype=torch.float32, device=q.device)
+    launch(_lion_d_gate_grad, grid, *gates, *terms, part, **seq, C=st.chunk)
+    dl = part.view(B, H, sc.NS).sum((0, 2), dtype=torch.float64)
+    return dq, dk, dv, (dl * _log_decay_grad_torch(gate.double())).to(gate.dtype)
 
 
 def _parallel_forward(q, k, v, gate, shape, st):
@@ -883,10 +1012,10 @@ def _parallel_forward(q, k, v, gate, shape, st):
         y, n, L, H, _scale(shape.dk), EPS,
         DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision,
     )
-    return y, n
+    return y, n, ()
 
 
-def _parallel_backward(q, k, v, gate, y, n, dy, shape, st):
+def _parallel_backward(q, k, v, gate, y, n, dy, saved, shape, st):
     B, L, H = shape.batch, shape.length, shape.heads
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -919,17 +1048,17 @@ class _Function(torch.autograd.Function):
     def forward(ctx, q, k, v, gate, shape, st, algorithm):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with on_device(q):
-            y, n = _FORWARD[algorithm](q, k, v, gate, shape, st)
-        ctx.save_for_backward(q, k, v, gate, y, n)
+            y, n, saved = _FORWARD[algorithm](q, k, v, gate, shape, st)
+        ctx.save_for_backward(q, k, v, gate, y, n, *saved)
         ctx.shape, ctx.st, ctx.algorithm = shape, st, algorithm
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        q, k, v, gate, y, n = ctx.saved_tensors
+        q, k, v, gate, y, n, *saved = ctx.saved_tensors
         with on_device(q):
-            grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)
+            grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), saved, ctx.shape, ctx.st)
         return (*grads, None, None, None)
 
 

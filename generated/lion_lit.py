@@ -72,6 +72,7 @@ from lion_gen.runtime.tiles import (  # spec-independent Triton helpers
     _load_vec,
     _mask,
     _sdot,
+    _sdot_a,
     _softplus,
     _sround,
     _store_rows,
@@ -122,6 +123,14 @@ def _load_features(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr):
 def _feature_backward(x, phi, norm, g):
     """dL/dx from g = dL/dphi (through the l2 adjoint when phi is normalized, then f'(x))."""
     return _feature_grad(x) * g
+
+
+@triton.jit
+def _output_adjoint_dn(n_ptr, dy_ptr, dn_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr):
+    """dO' = [dY / (n + eps), dn] as (dO, dn) in fp32, dn as backward stage 1 wrote it."""
+    dY = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+    r = 1.0 / (tl.load(n_ptr + n_base + rows * H, mask=rows < L, other=1.0) + eps)
+    return dY * r[:, None], tl.load(dn_ptr + n_base + rows * H, mask=rows < L, other=0.0)
 
 
 @triton.jit
@@ -232,19 +241,62 @@ def _lion_lit_fwd_output(
         _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, y)
 
 
-# Chunkwise backward, mask none (one program per (b, h); docs/lion_math.md section 4.2 with M = 1):
-#   dQ_i = sum_j (dO'_i . v'_j) K_j = dO_i S^T + dn_i z,   S = sum_j K_j v_j^T
-#   dK_j = sum_i (v'_j . dO'_i) Q_i = v_j D^T + e,        D = sum_i Q_i dO_i^T
-#   dv_j = sum_i (K_j . Q_i) dO_i  = K_j D
-#   dq = phi'(q)^T (scale dQ),  dk = phi'(k)^T dK
-@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
-def _lion_lit_chunk_bwd(
-    q_ptr, k_ptr, v_ptr,
-    y_ptr, n_ptr, dy_ptr, dq_ptr, dk_ptr, dv_ptr,
-    L, H, scale, eps,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+# Stage 1 of the backward pass: one program per (b, h, segment) sweeps the segment's chunks right to left.
+# Rows are (X, Y') = (Q_i, dO'_i), dO' = [dY/(n + eps), dn],  dn = -(dY . Y)/(n + eps) (written for stage 3).
+#   S_s = sum_{r in s} X_r Y'_r^T                                  (no mask: a plain sum)
+@triton.jit(do_not_specialize=["L", "SEG", "NS"])
+def _lion_lit_bwd_summary(
+    q_ptr, y_ptr, n_ptr, dy_ptr, dn_ptr,
+    sl_ptr, slz_ptr,
+    L, H, SEG, NS, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    dt = y_ptr.dtype.element_ty
+    N = tl.cdiv(L, C)
+    s = tl.program_id(1)  # the segment: chunks [n0, n1)
+    n0 = s * SEG
+    n1 = tl.minimum(n0 + SEG, N)
+    seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
+    sl = tl.zeros([BK, BV], tl.float32)
+    slz = tl.zeros([BK], tl.float32)
+    for i in range(n1 - n0):
+        n = n1 - 1 - i
+        rows = n * C + o_c
+        _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
+        Q = Q * scale
+        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+        tl.store(dn_ptr + n_base + rows * H, dn, mask=rows < L)
+        Xl = Q
+        sl += _sdot(tl.trans(Xl), dO, SD, PREC)
+        slz += tl.sum(Xl * dn[:, None], 0)
+    _store_state(sl_ptr, seg, o_k, o_v, DK, DV, sl)
+    _store_vec(slz_ptr, seg, o_k, DK, slz)
+
+
+# Stage 3 of the backward pass, no mask: one program per (b, h, segment); docs/lion_math.md section 4.2, M = 1:
+#   dQ_i = dO_i S^T + dn_i z,   dK_j = v_j D^T + e,   dv_j = K_j D
+#   S = sum_j K_j v_j^T, z = sum_j K_j (forward stage 2),  D = sum_i Q_i dO_i^T, e = sum_i Q_i dn_i (backward stage 2)
+#   dq = phi'(q)^T (scale dQ),  dk = phi'(k)^T dK
+@triton.jit(do_not_specialize=["L", "SEG", "NS"])
+def _lion_lit_bwd_grads(
+    q_ptr, k_ptr, v_ptr,
+    n_ptr, dy_ptr, dn_ptr,
+    hl_ptr, hlz_ptr,
+    ql_ptr, qlz_ptr,
+    dq_ptr, dk_ptr, dv_ptr,
+    L, H, SEG, NS, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
     b = (pid // H).to(tl.int64)
     h = pid % H
     qk_base = (b * L * H + h) * DK
@@ -255,33 +307,24 @@ def _lion_lit_chunk_bwd(
     o_v = tl.arange(0, BV)
     dt = v_ptr.dtype.element_ty
     N = tl.cdiv(L, C)
-
-    state_t = tl.zeros([BV, BK], tl.float32)  # S^T = sum_j v_j K_j^T
-    D = tl.zeros([BK, BV], tl.float32)
-    D_t = tl.zeros([BV, BK], tl.float32)
-    z = tl.zeros([BK], tl.float32)
-    e = tl.zeros([BK], tl.float32)
-    for n in range(N):
-        rows = n * C + o_c
-        _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
-        Q = Q * scale
-        _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
-        V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
-        state_t += tl.dot(tl.trans(V), K.to(dt), input_precision=PREC)
-        D += tl.dot(tl.trans(Q).to(dt), dO.to(dt), input_precision=PREC)
-        D_t += tl.dot(tl.trans(dO).to(dt), Q.to(dt), input_precision=PREC)
-        z += tl.sum(K, 0)
-        e += tl.sum(Q * dn[:, None], 0)
-    for n in range(N):
+    s = tl.program_id(1)  # the segment: chunks [n0, n1)
+    n0 = s * SEG
+    n1 = tl.minimum(n0 + SEG, N)
+    seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
+    St = _load_state_t(hl_ptr, pid, o_v, o_k, DK, DV)  # S^T
+    Dm = _load_state(ql_ptr, pid, o_k, o_v, DK, DV)
+    Dt = _load_state_t(ql_ptr, pid, o_v, o_k, DK, DV)  # D^T, read transposed
+    z = _load_vec(hlz_ptr, pid, o_k, DK)
+    e = _load_vec(qlz_ptr, pid, o_k, DK)
+    for n in range(n0, n1):
         rows = n * C + o_c
         xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
         xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
-        dQ = tl.dot(dO, state_t, input_precision=PREC) + dn[:, None] * z[None, :]
-        dK = tl.dot(V.to(tl.float32), D_t, input_precision=PREC) + e[None, :]
-        dV = tl.dot(K, D, input_precision=PREC)
+        dO, dn = _output_adjoint_dn(n_ptr, dy_ptr, dn_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+        dQ = _sdot(dO, St, SD, PREC) + dn[:, None] * z[None, :]
+        dK = _sdot(V, Dt, SD, PREC) + e[None, :]
+        dV = _sdot(K, Dm, SD, PREC)
         _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale))
         _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xk, K, nk, dK))
         _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
@@ -544,8 +587,10 @@ def _chunk_forward(q, k, v, gate, shape, st):
     seq = dict(L=L, H=H, SEG=sc.SEG, NS=sc.NS)
     grid = (sc.BH, sc.NS)
     gates = ()
+    T = to_end = None
     # stage 1: per-segment summaries (and, right to left, the state entering each chunk from its right)
     sl, slz = sc.states(sc.NS)
+    cr = crz = None
     launch(
         _lion_lit_fwd_summary, grid, k, v, *gates,
         sl, slz,
@@ -568,21 +613,44 @@ def _chunk_forward(q, k, v, gate, shape, st):
         hl, hlz,
         y, n, **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
     )
-    return y, n
+    return y, n, (T, to_end, hl, hlz, hr, hrz, cr, crz)  # what the backward pass reuses
 
 
-def _chunk_backward(q, k, v, gate, y, n, dy, shape, st):
+def _chunk_backward(q, k, v, gate, y, n, dy, saved, shape, st):
+    sc = _Schedule(q, shape, st)
     B, L, H = shape.batch, shape.length, shape.heads
+    T, to_end, hl, hlz, hr, hrz, cr, crz = saved
+    consts = sc.consts(st)
+    seq = dict(L=L, H=H, SEG=sc.SEG, NS=sc.NS)
+    grid = (sc.BH, sc.NS)
+    gates = ()
+    dn = torch.empty(B, L, H, dtype=torch.float32, device=q.device)  # -(dY . Y) / (n + eps), from stage 1
+    # stage 1: per-segment summaries of (Q, dO') (and, right to left, the state entering each chunk from its right)
+    bl, blz = sc.states(sc.NS)
+    launch(
+        _lion_lit_bwd_summary, grid, q, y, n, dy, dn, *gates,
+        bl, blz,
+        **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
+    )
+    # stage 2: the (Q, dO') states carried into every segment
+    ql, qlz = sc.states(1)
+    launch(
+        _lion_lit_scan, (sc.BH,),
+        bl, blz, ql, qlz,
+        bl, blz, ql, qlz,
+        sc.NS, LEFT=True, RIGHT=False, **consts,
+    )
+    # stage 3: dq, dk, dv
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     launch(
-        _lion_lit_chunk_bwd,
-        (B * H,),
-        q, k, v,
-        y, n, dy, dq, dk, dv,
-        L, H, _scale(shape.dk), EPS,
-        DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision,
+        _lion_lit_bwd_grads, grid, q, k, v,
+        n, dy, dn,
+        hl, hlz,
+        ql, qlz,
+        dq, dk, dv,
+        **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
     )
     return dq, dk, dv, None
 
@@ -598,10 +666,10 @@ def _parallel_forward(q, k, v, gate, shape, st):
         y, n, L, H, _scale(shape.dk), EPS,
         DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision,
     )
-    return y, n
+    return y, n, ()
 
 
-def _parallel_backward(q, k, v, gate, y, n, dy, shape, st):
+def _parallel_backward(q, k, v, gate, y, n, dy, saved, shape, st):
     B, L, H = shape.batch, shape.length, shape.heads
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -624,17 +692,17 @@ class _Function(torch.autograd.Function):
     def forward(ctx, q, k, v, gate, shape, st, algorithm):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with on_device(q):
-            y, n = _FORWARD[algorithm](q, k, v, gate, shape, st)
-        ctx.save_for_backward(q, k, v, gate, y, n)
+            y, n, saved = _FORWARD[algorithm](q, k, v, gate, shape, st)
+        ctx.save_for_backward(q, k, v, gate, y, n, *saved)
         ctx.shape, ctx.st, ctx.algorithm = shape, st, algorithm
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        q, k, v, gate, y, n = ctx.saved_tensors
+        q, k, v, gate, y, n, *saved = ctx.saved_tensors
         with on_device(q):
-            grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), ctx.shape, ctx.st)
+            grads = _BACKWARD[ctx.algorithm](q, k, v, gate, y, n, dy.contiguous(), saved, ctx.shape, ctx.st)
         return (*grads, None, None, None)
 
 

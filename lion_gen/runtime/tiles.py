@@ -120,3 +120,17 @@ def _sround(a, SD: tl.constexpr):
         return a
     else:
         return a.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def _sdot_a(a, b, SD: tl.constexpr, PREC: tl.constexpr):
+    """As _sdot, with the roles swapped for float16 runs: ``a`` is split into bf16 hi + lo, b rounded."""
+    if SD == 0:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    elif SD == 1:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        hi = a.to(tl.bfloat16)
+        lo = (a.to(tl.float32) - hi.to(tl.float32)).to(tl.bfloat16)
+        bb = b.to(tl.bfloat16)
+        return tl.dot(hi, bb) + tl.dot(lo, bb)
