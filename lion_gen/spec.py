@@ -89,6 +89,18 @@ TOP_FIELDS = {
 }
 FEATURE_FIELDS = {"expr", "normalize"}
 MASK_FIELDS = {"family", "log_decay", "alignment"}
+# Optional fields (dotted names) and the value an omitted one takes. Every other field is required, but
+# mask.log_decay only with family decay or selective. docs/spec.md documents these (tests/test_docs.py).
+DEFAULTS: dict[str, object] = {
+    "direction": "bidirectional",
+    "feature_map.normalize": "none",
+    "mask.alignment": "lion",  # only for a bidirectional selective mask; absent otherwise
+    "normalize_rows": True,
+    "scale": 1,
+    "eps": 1.0e-6,
+    "chunk_size": None,  # the kernels' default, 64
+    "allow_unproven": False,
+}
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -149,11 +161,11 @@ def parse_spec(data: object, source: str = "<spec>") -> Spec:
     if name.startswith("_"):
         raise fail("name", f"must not start with an underscore, got {name!r}")
 
-    direction = choice(top.get("direction", "bidirectional"), "direction", DIRECTIONS)
+    direction = choice(top.get("direction", DEFAULTS["direction"]), "direction", DIRECTIONS)
 
     fm = mapping(required(top, "feature_map", "feature_map"), "feature_map", FEATURE_FIELDS)
     phi, phi_text = expression(required(fm, "expr", "feature_map.expr"), "feature_map.expr", "x")
-    normalize = choice(fm.get("normalize", "none"), "feature_map.normalize", NORMALIZE)
+    normalize = choice(fm.get("normalize", DEFAULTS["feature_map.normalize"]), "feature_map.normalize", NORMALIZE)
 
     mk = mapping(required(top, "mask", "mask"), "mask", MASK_FIELDS)
     family = choice(required(mk, "family", "mask.family"), "mask.family", FAMILIES)
@@ -171,13 +183,13 @@ def parse_spec(data: object, source: str = "<spec>") -> Spec:
     if "alignment" in mk and direction == "causal":
         raise fail("mask.alignment", "a causal mask has one triangle; alignment applies to bidirectional masks")
     if family == "selective" and direction == "bidirectional":
-        alignment = choice(mk.get("alignment", "lion"), "mask.alignment", ALIGNMENTS)
+        alignment = choice(mk.get("alignment", DEFAULTS["mask.alignment"]), "mask.alignment", ALIGNMENTS)
 
-    normalize_rows = boolean(top.get("normalize_rows", True), "normalize_rows")
-    allow_unproven = boolean(top.get("allow_unproven", False), "allow_unproven")
-    scale, scale_text = expression(top.get("scale", 1), "scale", "d")
+    normalize_rows = boolean(top.get("normalize_rows", DEFAULTS["normalize_rows"]), "normalize_rows")
+    allow_unproven = boolean(top.get("allow_unproven", DEFAULTS["allow_unproven"]), "allow_unproven")
+    scale, scale_text = expression(top.get("scale", DEFAULTS["scale"]), "scale", "d")
 
-    eps = top.get("eps", 1.0e-6)
+    eps = top.get("eps", DEFAULTS["eps"])
     if isinstance(eps, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
         try:
             eps = float(eps)
@@ -186,7 +198,7 @@ def parse_spec(data: object, source: str = "<spec>") -> Spec:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
         raise fail("eps", f"must be a finite number >= 0, got {eps!r}")
 
-    chunk_size = top.get("chunk_size")
+    chunk_size = top.get("chunk_size", DEFAULTS["chunk_size"])
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
             raise fail("chunk_size", f"must be an integer, got {chunk_size!r}")
