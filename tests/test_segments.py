@@ -1,0 +1,55 @@
+"""The sequence-parallel chunk form: segments of several chunks, against the float64 oracle.
+
+Small test shapes make the launch schedule pick one chunk per segment; these tests force longer
+segments (``segment_chunks`` is what the generated module calls to choose), so that segments hold
+several chunks, the last segment and the last chunk are partial, and sequences shorter than one
+segment occur.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_kernels import SPECS, compare, module
+
+from lion_gen.runtime import schedule
+
+
+@pytest.mark.parametrize(
+    "L,chunk,seg",
+    [
+        (37, 16, 2),  # 3 chunks: a full segment, then a partial one with a partial chunk
+        (130, 16, 4),  # 9 chunks in 3 segments, the last with one partial chunk
+        (50, 16, 8),  # shorter than one segment
+    ],
+)
+@pytest.mark.parametrize("name", SPECS)
+def test_multi_chunk_segments_match_float64(name, L, chunk, seg, device, monkeypatch):
+    monkeypatch.setattr(module(name), "segment_chunks", lambda bh, n, dev: seg)
+    compare(name, 2, L, 2, 32, 16, chunk, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["lion_lit", "lion_d", "lion_s", "lion_s_causal"])
+def test_half_precision_segments(name, dtype, device, monkeypatch):
+    """16-bit runs: the state dots take bf16 operands (split in two for float16), states carried across segments."""
+    monkeypatch.setattr(module(name), "segment_chunks", lambda bh, n, dev: 2)
+    compare(name, 1, 77, 2, 32, 32, 16, device, dtype=dtype)
+
+
+def test_segment_length_fills_an_h100_at_the_anchor_shape():
+    """32768 tokens, H = 12, chunk 64: every stage-1 and stage-3 launch has at least 4 programs per SM."""
+    cpu = torch.device("cpu")
+    for L in (256, 1024, 4096, 16384):
+        bh = (32768 // L) * 12
+        n = L // 64
+        seg = schedule.segment_chunks(bh, n, cpu)
+        programs = bh * -(-n // seg)
+        assert programs >= 4 * schedule.H100_SMS, (L, seg, programs)
+        assert seg <= schedule.MAX_SEGMENT_CHUNKS and seg & (seg - 1) == 0
+
+
+def test_segment_length_is_one_chunk_when_the_grid_is_small():
+    assert schedule.segment_chunks(4, 9, torch.device("cpu")) == 1
+    assert schedule.segment_chunks(1, 1, torch.device("cpu")) == 1
+    assert schedule.segment_chunks(10**6, 3, torch.device("cpu")) == 4  # never beyond the sequence
