@@ -166,10 +166,11 @@ def explain(path: str) -> int:
     print("\nfacts:")
     for fact in p.facts or ("(none needed)",):
         print(f"  {fact}")
-    print("\nstages (kernel: stage <- inputs):")
-    for node in p.stages:
-        preds = ", ".join(sorted(p.stages.predecessors(node))) or "-"
-        print(f"  {p.stages.nodes[node]['kernel']}: {node} <- {preds}")
+    print("\nlaunch schedule of the chunk form (the stage graph in topological order):")
+    for node in p.launch_order():
+        st = p.stages.nodes[node]
+        print(f"  {st['kernel']}: {node} -> _{p.name}_{st['function']} over {st['grid']}: {st['doc']}")
+        print(f"      reads {', '.join(st['reads'])}; writes {', '.join(st['writes'])}")
     return EXIT_OK
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from types import ModuleType
 
 import jinja2
-import networkx as nx
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
@@ -187,7 +186,7 @@ def render(p: Plan, source: str = "<spec>") -> str:
         "log_decay_torch": render_elementwise(p.log_decay, th) if p.log_decay else None,
         "log_decay_grad_torch": render_elementwise(p.log_decay_grad, th) if p.log_decay_grad else None,
         "scale_py": PythonPrinter().doprint(p.scale),
-        "stages": [(n, p.stages.nodes[n]["kernel"], p.stages.nodes[n]["doc"]) for n in _topo(p)],
+        "stages": [(n, p.stages.nodes[n]) for n in p.launch_order()],
     }
     text = _environment().get_template("module.py.j2").render(**ctx)
     _check_names(text, p, source)
@@ -211,10 +210,6 @@ def _check_names(text: str, p: Plan, source: str) -> None:
         if counts.get(n, 0) > 1 or p.name == p.class_name:
             taken = "its own nn.Module class name" if p.name == p.class_name else "a name the generated module uses"
             raise SpecError(source, "name", f"{p.name!r} collides with {taken} ({n!r}); choose another name")
-
-
-def _topo(p: Plan) -> list[str]:
-    return list(nx.lexicographical_topological_sort(p.stages))
 
 
 def generate_source(spec: Spec | str | os.PathLike[str]) -> str:

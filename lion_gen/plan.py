@@ -65,11 +65,12 @@ class Plan:
     def has(self, stage: str) -> bool:
         return stage in self.stages
 
-    def launch_order(self) -> list[str]:
-        """Kernels in topological order of the stage graph."""
-        kernels: list[str] = []
-        for node in nx.topological_sort(self.stages):
-            kernel = self.stages.nodes[node]["kernel"]
-            if kernel not in kernels:
-                kernels.append(kernel)
-        return kernels
+    def launch_order(self, kernel: str | None = None) -> list[str]:
+        """The stages in launch order (a topological order of the stage graph, ties broken by name),
+        those of one pass ("forward" or "backward") when ``kernel`` says which."""
+        order = list(nx.lexicographical_topological_sort(self.stages, key=_pass_first))
+        return [n for n in order if kernel is None or self.stages.nodes[n]["kernel"] == kernel]
+
+
+def _pass_first(node: str) -> str:
+    return ("0" if node.startswith("fwd") else "1") + node

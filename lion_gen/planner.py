@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import networkx as nx
 import sympy as sp
@@ -195,87 +196,201 @@ def derive_l2_adjoint() -> sp.Expr:
 
 # ---------------------------------------------------------------------------- stage graph
 
-# (stage, kernel, what it computes, condition on the plan's switches)
-STAGES: tuple[tuple[str, str, str, Callable[[dict[str, bool]], bool]], ...] = (
-    ("log_gates", "forward", "l_t = log_decay(gate)", lambda s: s["gated"]),
-    ("potentials", "forward", "chunk-local fp32 prefix sums of l (F, G)", lambda s: s["gated"]),
-    ("features", "forward", "Q = scale phi(q), K = phi(k)", lambda s: True),
-    ("global_state", "forward", "S = sum_j K_j v'_j^T over the whole sequence", lambda s: s["global"]),
-    ("intra", "forward", "masked C x C attention inside each chunk", lambda s: not s["global"]),
-    ("forward_scan", "forward", "state carried left to right", lambda s: not s["global"]),
-    ("backward_scan", "forward", "state carried right to left", lambda s: not s["global"] and s["bidir"]),
-    ("denominator", "forward", "n_i = sum_j A_ij", lambda s: s["normalize"]),
-    ("output", "forward", "y_i", lambda s: True),
-    ("output_adjoint", "backward", "dO' = [dY/(n+eps), -(dY.Y)/(n+eps)]", lambda s: s["normalize"]),
-    ("grad_global_state", "backward", "global K^T V' and Q^T dO' states", lambda s: s["global"]),
-    ("grad_intra", "backward", "intra-chunk dq, dk, dv and W = dS o S o M", lambda s: not s["global"]),
-    (
-        "grad_forward_scan",
-        "backward",
-        "dq from the forward state; dk, dv of the upper triangle",
-        lambda s: not s["global"],
-    ),
-    (
-        "grad_backward_scan",
-        "backward",
-        "dk, dv of the lower triangle; dq from the backward state",
-        lambda s: not s["global"],
-    ),
-    ("gate_grad", "backward", "dF, dG -> suffix sums -> dl -> dgate", lambda s: s["gated"]),
-    ("input_grads", "backward", "dq, dk through phi'; dv", lambda s: True),
-)
-EDGES: tuple[tuple[str, str], ...] = (
-    ("log_gates", "potentials"),
-    ("potentials", "intra"),
-    ("potentials", "forward_scan"),
-    ("potentials", "backward_scan"),
-    ("features", "global_state"),
-    ("features", "intra"),
-    ("features", "forward_scan"),
-    ("features", "backward_scan"),
-    ("global_state", "output"),
-    ("global_state", "denominator"),
-    ("intra", "denominator"),
-    ("forward_scan", "denominator"),
-    ("backward_scan", "denominator"),
-    ("intra", "output"),
-    ("forward_scan", "output"),
-    ("backward_scan", "output"),
-    ("denominator", "output"),
-    ("output", "output_adjoint"),
-    ("denominator", "output_adjoint"),
-    ("output_adjoint", "grad_global_state"),
-    ("output_adjoint", "grad_intra"),
-    ("output_adjoint", "grad_forward_scan"),
-    ("output_adjoint", "grad_backward_scan"),
-    ("output", "grad_global_state"),
-    ("output", "grad_intra"),
-    ("potentials", "grad_intra"),
-    ("potentials", "grad_forward_scan"),
-    ("potentials", "grad_backward_scan"),
-    ("grad_global_state", "input_grads"),
-    ("grad_intra", "input_grads"),
-    ("grad_forward_scan", "input_grads"),
-    ("grad_backward_scan", "input_grads"),
-    ("grad_intra", "gate_grad"),
-    ("grad_forward_scan", "gate_grad"),
-    ("grad_backward_scan", "gate_grad"),
-)
-SINKS = ("input_grads", "gate_grad")
+# The chunk form's launch schedule (docs/design.md). Each stage is one kernel launch: its pass, the
+# template it is rendered from, the generated function it launches, its grid, what it computes, the
+# buffers it reads and writes, and when a spec needs it. Buffers exist under conditions too; a stage
+# reads and writes only the buffers its spec has. Edges run from the stage that writes a buffer to
+# the stages that read it, so the graph is the schedule: its topological order is the launch order.
+Switches = dict[str, bool]
 
 
-def stage_graph(switches: dict[str, bool]) -> nx.DiGraph:
-    """The kernel-stage DAG for these switches: specialized, then pruned to what reaches a sink."""
+def _always(s: Switches) -> bool:
+    return True
+
+
+def _local(s: Switches) -> bool:  # not the global-state case: chunks see their own keys (the intra block)
+    return not s["global"]
+
+
+def _two_way(s: Switches) -> bool:  # states flow in from both sides
+    return s["bidir"] and not s["global"]
+
+
+BUFFERS: dict[str, tuple[str, Callable[[Switches], bool]]] = {
+    # inputs of the op (written by no stage)
+    "q": ("queries (B, L, H, Dk)", _always),
+    "k": ("keys (B, L, H, Dk)", _always),
+    "v": ("values (B, L, H, Dv)", _always),
+    "gate": ("raw gates", lambda s: s["gated"]),
+    "dy": ("the output's gradient (B, L, H, Dv)", _always),
+    # forward
+    "seg_decay": ("T_s: each segment's total log-decay", lambda s: s["gated"]),
+    "to_end": ("P_b - P_en: log-decay from each chunk's end to its segment's end", lambda s: s["gated"]),
+    "kv_summary_left": ("per segment: sum exp(P_b - F_j) K_j v'_j^T", _always),
+    "kv_summary_right": ("per segment: sum exp(G_j - P_a) K_j v'_j^T", _two_way),
+    "kv_chunk_right": ("per chunk: the (K, v') state entering it from the right, within its segment", _two_way),
+    "kv_carried_left": ("per segment: the (K, v') state carried in from the left (no mask: the total)", _always),
+    "kv_carried_right": ("per segment: the (K, v') state carried in from the right", _two_way),
+    "y": ("the output (B, L, H, Dv)", _always),
+    "n": ("row sums n_i (B, L, H)", lambda s: s["normalize"]),
+    # backward
+    "dn": ("-(dY . Y) / (n + eps) per row", lambda s: s["normalize"]),
+    "qd_summary_left": ("per segment: sum exp(P_b - G_i) Q_i dO'_i^T", lambda s: s["bidir"] or s["global"]),
+    "qd_summary_right": ("per segment: sum exp(F_i - P_a) Q_i dO'_i^T", _local),
+    "qd_chunk_right": ("per chunk: the (Q, dO') state entering it from the right, within its segment", _local),
+    "qd_carried_left": (
+        "per segment: the (Q, dO') state carried in from the left (no mask: the total)",
+        lambda s: s["bidir"] or s["global"],
+    ),
+    "qd_carried_right": ("per segment: the (Q, dO') state carried in from the right", _local),
+    "dq": ("dq (B, L, H, Dk)", _always),
+    "dk": ("dk (B, L, H, Dk)", _always),
+    "dv": ("dv (B, L, H, Dv)", _always),
+    "gate_terms": ("dF (and dG) per row, and their sums per segment", lambda s: s["gated"]),
+    "dgate": ("the gate's gradient", lambda s: s["gated"]),
+}
+
+# (stage, pass, template, function, grid, what it computes, reads, writes, condition); a read may carry
+# its own condition, as (buffer, condition).
+STAGES: tuple[tuple[Any, ...], ...] = (
+    (
+        "fwd_summary",
+        "forward",
+        "summary",
+        "fwd_summary",
+        "(b, h, segment)",
+        "per-segment summaries of (K, v'), right to left, and the state entering each chunk from its right",
+        ("k", "v", "gate"),
+        ("seg_decay", "to_end", "kv_summary_left", "kv_summary_right", "kv_chunk_right"),
+        _always,
+    ),
+    (
+        "fwd_scan",
+        "forward",
+        "scan",
+        "scan",
+        "(b, h)",
+        "the (K, v') states carried into every segment (a short sequential scan over segments)",
+        ("seg_decay", "kv_summary_left", "kv_summary_right"),
+        ("kv_carried_left", "kv_carried_right"),
+        _always,
+    ),
+    (
+        "fwd_output",
+        "forward",
+        "output",
+        "fwd_output",
+        "(b, h, segment)",
+        "y (and n) per chunk: intra-chunk attention plus the carried states, left to right",
+        (
+            "q",
+            ("k", _local),
+            "v",
+            "gate",
+            ("to_end", _two_way),
+            "kv_carried_left",
+            "kv_carried_right",
+            "kv_chunk_right",
+        ),
+        ("y", "n"),
+        _always,
+    ),
+    (
+        "bwd_summary",
+        "backward",
+        "summary",
+        "bwd_summary",
+        "(b, h, segment)",
+        "dO' per row, per-segment summaries of (Q, dO') and the state entering each chunk from its right",
+        ("q", ("y", lambda s: s["normalize"]), "n", "dy", "gate"),
+        ("dn", "qd_summary_left", "qd_summary_right", "qd_chunk_right"),
+        _always,
+    ),
+    (
+        "bwd_scan",
+        "backward",
+        "scan",
+        "scan",
+        "(b, h)",
+        "the (Q, dO') states carried into every segment",
+        ("seg_decay", "qd_summary_left", "qd_summary_right"),
+        ("qd_carried_left", "qd_carried_right"),
+        _always,
+    ),
+    (
+        "bwd_grads",
+        "backward",
+        "grads",
+        "bwd_grads",
+        "(b, h, segment)",
+        "dq, dk, dv (through phi') and the gate terms per row, left to right",
+        (
+            "q",
+            "k",
+            "v",
+            "gate",
+            "n",
+            "dy",
+            "dn",
+            "to_end",
+            "kv_carried_left",
+            "kv_carried_right",
+            "kv_chunk_right",
+            "qd_carried_left",
+            "qd_carried_right",
+            "qd_chunk_right",
+        ),
+        ("dq", "dk", "dv", "gate_terms"),
+        _always,
+    ),
+    (
+        "gate_grad",
+        "backward",
+        "gate",
+        "gate_grad",
+        "(b, h, segment)",
+        "suffix sums of the gate terms, times d log_decay / dz",
+        ("gate", "gate_terms"),
+        ("dgate",),
+        lambda s: s["gated"],
+    ),
+)
+SINKS = ("y", "dq", "dk", "dv", "dgate")  # what the op returns
+
+
+def _read(entry: str | tuple[str, Callable[[Switches], bool]], switches: Switches) -> str | None:
+    if isinstance(entry, str):
+        return entry
+    name, cond = entry
+    return name if cond(switches) else None
+
+
+def stage_graph(switches: Switches) -> nx.DiGraph:
+    """The chunk form's launch schedule for these switches: one node per launch, edges labelled with
+    the buffers that pass between launches. Stages and buffers a spec does not need are absent."""
+    buffers = {name for name, (_, cond) in BUFFERS.items() if cond(switches)}
     g = nx.DiGraph()
-    for name, kernel, doc, cond in STAGES:
+    for name, pass_, template, function, grid, doc, reads, writes, cond in STAGES:
         if cond(switches):
-            g.add_node(name, kernel=kernel, doc=doc)
-    g.add_edges_from((a, b) for a, b in EDGES if a in g and b in g)
-    live = {s for s in SINKS if s in g}
-    for s in list(live):
-        live |= nx.ancestors(g, s)
-    g.remove_nodes_from([n for n in list(g) if n not in live])
-    if not nx.is_directed_acyclic_graph(g):  # pragma: no cover - EDGES is a constant
+            g.add_node(
+                name,
+                kernel=pass_,
+                template=template,
+                function=function,
+                grid=grid,
+                doc=doc,
+                reads=tuple(r for r in (_read(x, switches) for x in reads) if r in buffers),
+                writes=tuple(b for b in writes if b in buffers),
+            )
+    writer = {b: n for n in g for b in g.nodes[n]["writes"]}
+    for n in g:
+        for b in g.nodes[n]["reads"]:
+            if b in writer:
+                if g.has_edge(writer[b], n):
+                    g.edges[writer[b], n]["buffers"] += (b,)
+                else:
+                    g.add_edge(writer[b], n, buffers=(b,))
+    if not nx.is_directed_acyclic_graph(g):  # pragma: no cover - STAGES is a constant
         raise AssertionError("stage graph has a cycle")
     return g
 

@@ -369,13 +369,13 @@ def test_explain(capsys):
     assert "facts:" in out and "proved" in out
     assert "l2 adjoint" in out
     assert "dl/dz" in out
-    assert "backward_scan" in out
+    assert "launch schedule" in out and "_lion_s_gate_grad" in out and "kv_carried_right" in out
 
 
 def test_explain_of_a_spec_without_a_mask(capsys):
     assert main(["explain", str(ROOT / "specs" / "lion_lit.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "global_state" in out
+    assert "kv_carried_left" in out and "kv_carried_right" not in out and "gate_grad" not in out
     assert "dl/dz" not in out
 
 

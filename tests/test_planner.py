@@ -480,30 +480,34 @@ def test_lion_d_log_decay_is_stabilized(plans):
 # ---------------------------------------------------------------------------- specialization and stages
 
 
-def test_lion_lit_has_a_global_state_and_no_scan(plans):
+def test_lion_lit_has_a_global_state_and_no_gate_stage(plans):
     p = plans["lion_lit"]
     assert p.global_state is True
     assert p.gated is False
-    for stage in ("potentials", "log_gates", "intra", "forward_scan", "backward_scan", "gate_grad"):
-        assert not p.has(stage), stage
-    for stage in ("features", "global_state", "denominator", "output", "input_grads"):
-        assert p.has(stage), stage
+    assert not p.has("gate_grad")
+    buffers = {b for n in p.stages for b in p.stages.nodes[n]["reads"] + p.stages.nodes[n]["writes"]}
+    for absent in ("gate", "seg_decay", "to_end", "kv_chunk_right", "qd_chunk_right", "gate_terms", "dgate"):
+        assert absent not in buffers, absent
+    assert "k" not in p.stages.nodes["fwd_output"]["reads"]  # the output needs only Q and the global state
 
 
-def test_lion_s_has_both_scans_and_a_gate_grad(plans):
+def test_lion_s_has_states_from_both_sides_and_a_gate_grad(plans):
     p = plans["lion_s"]
     assert p.global_state is False
     assert p.gated is True
-    for stage in ("log_gates", "potentials", "intra", "forward_scan", "backward_scan", "gate_grad", "input_grads"):
-        assert p.has(stage), stage
-    assert not p.has("global_state")
+    assert p.has("gate_grad")
+    assert {"kv_carried_left", "kv_carried_right", "kv_chunk_right"} <= set(p.stages.nodes["fwd_output"]["reads"])
+    assert {"qd_carried_left", "qd_carried_right", "qd_chunk_right"} <= set(p.stages.nodes["bwd_grads"]["reads"])
 
 
-def test_lion_s_causal_has_no_backward_scan(plans):
+def test_lion_s_causal_carries_keys_from_the_left_only(plans):
     p = plans["lion_s_causal"]
     assert not p.bidirectional
-    assert not p.has("backward_scan")
-    assert p.has("forward_scan")
+    reads = set(p.stages.nodes["fwd_output"]["reads"])
+    assert "kv_carried_left" in reads and not reads & {"kv_carried_right", "kv_chunk_right", "to_end"}
+    # its backward needs the queries to the right of each key, not those to the left
+    reads = set(p.stages.nodes["bwd_grads"]["reads"])
+    assert {"qd_carried_right", "qd_chunk_right"} <= reads and "qd_carried_left" not in reads
     assert p.has("gate_grad")
     assert p.alignment is None
 
@@ -511,7 +515,7 @@ def test_lion_s_causal_has_no_backward_scan(plans):
 def test_lion_d_is_gated_per_head(plans):
     p = plans["lion_d"]
     assert p.family == "decay"
-    assert p.has("gate_grad") and p.has("backward_scan")
+    assert p.has("gate_grad") and "kv_carried_right" in p.stages.nodes["fwd_output"]["reads"]
 
 
 @pytest.mark.parametrize(
@@ -526,20 +530,22 @@ def test_potential_shifts(name, shifts, plans):
 def test_stage_graph_is_a_dag_whose_stages_all_reach_a_sink(path, plans):
     g = plans[path.stem].stages
     assert nx.is_directed_acyclic_graph(g)
-    sinks = {s for s in SINKS if s in g}
-    assert sinks and sinks <= {"input_grads", "gate_grad"}
+    sinks = {n for n in g if set(g.nodes[n]["writes"]) & set(SINKS)}
     for node in g:
         assert node in sinks or nx.descendants(g, node) & sinks, node
-    for node in g:
         assert g.nodes[node]["kernel"] in ("forward", "backward")
+    for a, b, data in g.edges(data=True):  # every edge carries a buffer that a writes and b reads
+        assert data["buffers"] and set(data["buffers"]) <= set(g.nodes[a]["writes"]) & set(g.nodes[b]["reads"])
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
 def test_launch_order(path, plans):
     p = plans[path.stem]
-    assert p.launch_order() == ["forward", "backward"]
-    # no forward stage depends on a backward one
-    for a, b in p.stages.edges:
+    order = p.launch_order()
+    assert order == p.launch_order("forward") + p.launch_order("backward")
+    assert order[:3] == ["fwd_summary", "fwd_scan", "fwd_output"]
+    for a, b in p.stages.edges:  # the order respects every dependency, and no forward stage waits on a backward one
+        assert order.index(a) < order.index(b)
         assert not (p.stages.nodes[a]["kernel"] == "backward" and p.stages.nodes[b]["kernel"] == "forward")
 
 
@@ -547,21 +553,21 @@ def test_launch_order(path, plans):
 @pytest.mark.parametrize("glob", [False, True])
 @pytest.mark.parametrize("bidir", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_every_switch_combination_gives_a_pruned_dag(gated, glob, bidir, normalize):
+def test_every_switch_combination_gives_a_dag_that_produces_every_gradient(gated, glob, bidir, normalize):
     g = stage_graph({"gated": gated, "global": glob, "bidir": bidir, "normalize": normalize})
     assert nx.is_directed_acyclic_graph(g)
-    assert "input_grads" in g and "output" in g and "features" in g
-    assert ("gate_grad" in g) == gated
-    assert ("denominator" in g) == normalize and ("output_adjoint" in g) == normalize
-    sinks = {s for s in SINKS if s in g}
-    for node in g:
-        assert node in sinks or nx.descendants(g, node) & sinks, node
+    written = {b for n in g for b in g.nodes[n]["writes"]}
+    assert {"y", "dq", "dk", "dv"} <= written
+    assert ("dgate" in written) == gated and ("gate_grad" in g) == gated
+    assert ("n" in written) == normalize and ("dn" in written) == normalize
+    read = {b for n in g for b in g.nodes[n]["reads"]}
+    assert read <= written | {"q", "k", "v", "gate", "dy"}  # nothing is read that no stage writes
 
 
 def test_normalize_rows_false_drops_the_denominator():
     p = plan(spec_of(normalize_rows=False))
-    assert not p.has("denominator")
-    assert not p.has("output_adjoint")
+    buffers = {b for n in p.stages for b in p.stages.nodes[n]["reads"] + p.stages.nodes[n]["writes"]}
+    assert "n" not in buffers and "dn" not in buffers
     assert p.normalize_rows is False
 
 

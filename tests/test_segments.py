@@ -8,11 +8,17 @@ segment occur.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from test_kernels import SPECS, compare, module
+from test_kernels import SPECS, compare, make_inputs, module
 
+from lion_gen.planner import plan
 from lion_gen.runtime import schedule
+from lion_gen.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -53,3 +59,22 @@ def test_segment_length_is_one_chunk_when_the_grid_is_small():
     assert schedule.segment_chunks(4, 9, torch.device("cpu")) == 1
     assert schedule.segment_chunks(1, 1, torch.device("cpu")) == 1
     assert schedule.segment_chunks(10**6, 3, torch.device("cpu")) == 4  # never beyond the sequence
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_launches_follow_the_plans_stage_graph(name, device, monkeypatch):
+    """The wrapper launches exactly the stages of the plan's graph, in its topological order."""
+    mod = module(name)
+    p = plan(load_spec(ROOT / "specs" / f"{name}.yaml"))
+    seen = []
+    real = mod.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        seen.append(kernel.__name__)
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(mod, "launch", spy)
+    q, k, v, gate = make_inputs(mod, 1, 20, 2, 16, 16, device)
+    ins = [t.requires_grad_() for t in (q, k, v, gate) if t is not None]
+    getattr(mod, name)(*ins[:3], ins[3] if gate is not None else None, chunk_size=16).sum().backward()
+    assert seen == [f"_{name}_{p.stages.nodes[n]['function']}" for n in p.launch_order()]
