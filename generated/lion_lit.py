@@ -322,7 +322,7 @@ def _lion_lit_bwd_grads(
     seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
     St = _load_state_t(hl_ptr, pid, o_v, o_k, DK, DV)  # S^T
     Dm = _load_state(ql_ptr, pid, o_k, o_v, DK, DV)
-    Dt = _load_state_t(ql_ptr, pid, o_v, o_k, DK, DV)  # D^T, read transposed
+    Dt = tl.trans(Dm)  # D^T, of a loaded tile
     z = _load_vec(hlz_ptr, pid, o_k, DK)
     e = _load_vec(qlz_ptr, pid, o_k, DK)
     for n in range(n0, n1):

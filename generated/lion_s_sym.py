@@ -468,7 +468,7 @@ def _lion_s_sym_bwd_grads(
     HRt = _load_state_t(hr_ptr, seg, o_v, o_k, DK, DV)  # keys right of the segment, transposed
     zr = _load_vec(hrz_ptr, seg, o_k, DK)
     QL = _load_state(ql_ptr, seg, o_k, o_v, DK, DV)  # queries left: sum_i exp(.) Q_i dO_i^T, and its transpose
-    QLt = _load_state_t(ql_ptr, seg, o_v, o_k, DK, DV)
+    QLt = tl.trans(QL)  # of a loaded tile; from here on both are carried, each by its own dot
     el = _load_vec(qlz_ptr, seg, o_k, DK)
     QR = _load_state(qr_ptr, seg, o_k, o_v, DK, DV)  # queries right of the segment
     er = _load_vec(qrz_ptr, seg, o_k, DK)

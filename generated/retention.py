@@ -425,7 +425,7 @@ def _retention_bwd_grads(
     HLt = _load_state_t(hl_ptr, seg, o_v, o_k, DK, DV)  # keys left, transposed: sum_j exp(.) v_j K_j^T
     HRt = _load_state_t(hr_ptr, seg, o_v, o_k, DK, DV)  # keys right of the segment, transposed
     QL = _load_state(ql_ptr, seg, o_k, o_v, DK, DV)  # queries left: sum_i exp(.) Q_i dO_i^T, and its transpose
-    QLt = _load_state_t(ql_ptr, seg, o_v, o_k, DK, DV)
+    QLt = tl.trans(QL)  # of a loaded tile; from here on both are carried, each by its own dot
     QR = _load_state(qr_ptr, seg, o_k, o_v, DK, DV)  # queries right of the segment
     sum_f = tl.sum(tl.zeros([C], tl.float32), 0)
     sum_g = sum_f
