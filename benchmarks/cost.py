@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
 import json
@@ -391,6 +392,7 @@ class TrafficCounter:
         reads, writes = _MEASURES.get(name, (None, None))
         counter = self
 
+        @functools.wraps(orig)  # keeps marks other patches set on the method (lion_gen.runtime.interpreter)
         def wrapper(builder: Any, *args: Any, **kwargs: Any) -> Any:
             counter._inner_counted = False
             result = orig(builder, *args, **kwargs)
@@ -408,6 +410,7 @@ class TrafficCounter:
     def _wrap_dot(self, orig: Callable[..., Any]) -> Callable[..., Any]:
         counter = self
 
+        @functools.wraps(orig)
         def create_dot(builder: Any, a: Any, b: Any, *args: Any, **kwargs: Any) -> Any:
             sa, sb = np.shape(a.data), np.shape(b.data)
             counter._bucket.rec.flops += 2 * math.prod(sa[:-1]) * sa[-1] * sb[-1]
@@ -857,10 +860,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"scaled by B*H/{cb * ch} (counts are per (b, h)); grids are those of this shape."
             )
             if counted_dtype == torch.bfloat16:
-                print(
-                    "bf16 under the interpreter: its dot values are not trusted, but bytes and FLOPs do not depend "
-                    "on values."
-                )
+                print("Counted in bf16: bytes and FLOPs do not depend on the values the interpreter's dots compute.")
             if note:
                 print(note)
             print(traffic_table(c, launches, summary, counts.torch_ops))
