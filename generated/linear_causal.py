@@ -350,7 +350,7 @@ def _linear_causal_bwd_grads(
         Kd = K.to(dt)
         dOd = dO.to(dt)
         m = _causal(True, False, C)  # M_ij
-        m_t = _causal(False, True, C)  # M_ji, built directly
+        m_t = tl.trans(m)  # M_ji (a transpose of exps, not of a dot result: one exp per mask element)
         S = tl.dot(Qd, tl.trans(Kd), input_precision=PREC)
         S_t = tl.dot(Kd, tl.trans(Qd), input_precision=PREC)
         dS = tl.dot(dOd, tl.trans(V), input_precision=PREC)

@@ -488,7 +488,7 @@ def _lion_s_bwd_grads(
         Kd = K.to(dt)
         dOd = dO.to(dt)
         m = _mask(pl, cl, True, True, C)  # M_ij
-        m_t = _mask(cl, pl, True, True, C)  # M_ji, built directly
+        m_t = tl.trans(m)  # M_ji (a transpose of exps, not of a dot result: one exp per mask element)
         S = tl.dot(Qd, tl.trans(Kd), input_precision=PREC)
         S_t = tl.dot(Kd, tl.trans(Qd), input_precision=PREC)
         dS = tl.dot(dOd, tl.trans(V), input_precision=PREC) + dn[:, None]
