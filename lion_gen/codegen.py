@@ -12,25 +12,34 @@ import tempfile
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+from typing import ClassVar
 
 import jinja2
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
 from . import __version__
-from .functions import REGISTRY
 from .plan import Elementwise, Plan
 from .planner import plan as make_plan
 from .spec import Spec, SpecError, load_spec
 
 
 class _Printer(StrPrinter):
-    """Shared rules: numbers as float literals, powers expanded or lowered; functions from the registry."""
+    """Shared rules: numbers as float literals, powers expanded or lowered, functions from the printer's table.
 
-    backend = ""  # "triton" | "torch"
+    Each printer owns its lowerings, in the manner of SymPy's code printers: ``known_functions`` maps the
+    name of a SymPy function class (``exp``, ``sigmoid``, ``Abs``, ``Min``; ``sqrt`` for a power 1/2) to a
+    format string whose ``{0}``, ``{1}`` are the printed arguments. The registry in ``functions`` knows
+    nothing of Triton or torch.
+    """
+
+    backend = ""  # "triton" | "torch" | "python"
+    known_functions: ClassVar[dict[str, str]] = {}
 
     def _lower(self, name: str, args: list[str]) -> str:
-        template = getattr(REGISTRY[name], self.backend)
+        template = self.known_functions.get(name)
+        if template is None:
+            raise ValueError(f"no {self.backend} lowering for {name}")
         return template.format(*args)
 
     def _print_Integer(self, expr: sp.Integer) -> str:
@@ -49,18 +58,21 @@ class _Printer(StrPrinter):
         return repr(float(sp.pi))
 
     def _print_Function(self, expr: sp.Function) -> str:
-        name = {"Abs": "abs", "Min": "min", "Max": "max"}.get(expr.func.__name__, expr.func.__name__)
-        if name not in REGISTRY:
-            raise ValueError(f"no {self.backend} lowering for {expr.func.__name__}")
-        args = [self._print(a) for a in expr.args]
-        if name in ("min", "max"):  # fold n-ary min/max into nested binary calls
-            out = args[0]
-            for a in args[1:]:
-                out = self._lower(name, [out, a])
-            return out
-        return self._lower(name, args)
+        return self._lower(expr.func.__name__, [self._print(a) for a in expr.args])
 
-    _print_exp = _print_log = _print_tanh = _print_Abs = _print_Min = _print_Max = _print_Function
+    # StrPrinter has its own rules for these; every function goes through the table instead.
+    _print_exp = _print_log = _print_tanh = _print_Abs = _print_Function
+
+    def _print_MinMax(self, expr: sp.Expr) -> str:
+        """n-ary Min/Max folded into nested binary calls."""
+        name = expr.func.__name__
+        args = [self._print(a) for a in expr.args]
+        out = args[0]
+        for a in args[1:]:
+            out = self._lower(name, [out, a])
+        return out
+
+    _print_Min = _print_Max = _print_MinMax
 
     def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
         base, e = expr.args
@@ -74,17 +86,44 @@ class _Printer(StrPrinter):
             return f"({prod})" if int(e) > 0 else f"(1.0 / ({prod}))"
         return self._general_pow(self._print(base), self._print(e))
 
+    def _general_pow(self, base: str, e: str) -> str:
+        raise NotImplementedError
+
     def _print_Heaviside(self, expr: sp.Expr) -> str:
         return self._step(self._print(expr.args[0]))
 
     def _print_sign(self, expr: sp.Expr) -> str:
         return self._sign(self._print(expr.args[0]))
 
+    def _step(self, x: str) -> str:
+        raise ValueError(f"no {self.backend} lowering for Heaviside")
+
+    def _sign(self, x: str) -> str:
+        raise ValueError(f"no {self.backend} lowering for sign")
+
 
 class TritonPrinter(_Printer):
-    """SymPy -> Triton (tl.*) for use inside @triton.jit functions on fp32 tiles."""
+    """SymPy -> Triton (tl.*) for use inside @triton.jit functions on fp32 tiles.
+
+    ``_softplus`` and ``_tanh`` are small @triton.jit helpers of ``lion_gen.runtime.tiles`` that every
+    generated module imports; the rest are Triton builtins.
+    """
 
     backend = "triton"
+    known_functions: ClassVar[dict[str, str]] = {
+        "exp": "tl.exp({0})",
+        "log": "tl.log({0})",
+        "sigmoid": "tl.sigmoid({0})",
+        "softplus": "_softplus({0})",
+        "silu": "({0} * tl.sigmoid({0}))",
+        "elu": "tl.where({0} > 0, {0}, tl.exp({0}) - 1.0)",
+        "relu": "tl.maximum({0}, 0.0)",
+        "tanh": "_tanh({0})",
+        "sqrt": "tl.sqrt({0})",
+        "Abs": "tl.abs({0})",
+        "Min": "tl.minimum({0}, {1})",
+        "Max": "tl.maximum({0}, {1})",
+    }
 
     def _general_pow(self, base: str, e: str) -> str:
         return f"tl.exp(({e}) * tl.log({base}))"
@@ -100,15 +139,27 @@ class TorchPrinter(_Printer):
     """SymPy -> torch, for the reference form."""
 
     backend = "torch"
+    known_functions: ClassVar[dict[str, str]] = {
+        "exp": "torch.exp({0})",
+        "log": "torch.log({0})",
+        "sigmoid": "torch.sigmoid({0})",
+        "softplus": "torch.nn.functional.softplus({0})",
+        "silu": "torch.nn.functional.silu({0})",
+        "elu": "torch.nn.functional.elu({0})",
+        "relu": "torch.relu({0})",
+        "tanh": "torch.tanh({0})",
+        "sqrt": "torch.sqrt({0})",
+        "Abs": "torch.abs({0})",
+        "Min": "torch.minimum({0}, {1})",
+        "Max": "torch.maximum({0}, {1})",
+    }
 
-    def _print_Function(self, expr: sp.Function) -> str:
-        name = {"Min": "min", "Max": "max"}.get(expr.func.__name__)
-        if name is not None:  # torch.minimum needs tensors: wrap numbers
-            args = [a if not a.is_number else sp.Symbol(f"torch.tensor({float(a)!r})") for a in expr.args]
-            expr = expr.func(*args, evaluate=False)
-        return super()._print_Function(expr)
+    def _print_MinMax(self, expr: sp.Expr) -> str:
+        # torch.minimum needs tensors: wrap numbers
+        args = [a if not a.is_number else sp.Symbol(f"torch.tensor({float(a)!r})") for a in expr.args]
+        return super()._print_MinMax(expr.func(*args, evaluate=False))
 
-    _print_exp = _print_log = _print_tanh = _print_Abs = _print_Min = _print_Max = _print_Function
+    _print_Min = _print_Max = _print_MinMax
 
     def _general_pow(self, base: str, e: str) -> str:
         return f"torch.pow({base}, {e})"
@@ -124,14 +175,20 @@ class PythonPrinter(_Printer):
     """SymPy -> plain Python (math.*) for host-side scalars such as scale(d)."""
 
     backend = "python"
-    TABLE = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "tanh": "math.tanh", "abs": "abs"}
+    known_functions: ClassVar[dict[str, str]] = {
+        "exp": "math.exp({0})",
+        "log": "math.log({0})",
+        "sqrt": "math.sqrt({0})",
+        "tanh": "math.tanh({0})",
+        "Abs": "abs({0})",
+        "Min": "min({0}, {1})",
+        "Max": "max({0}, {1})",
+    }
 
     def _lower(self, name: str, args: list[str]) -> str:
-        if name in ("min", "max"):
-            return f"{name}({', '.join(args)})"
-        if name not in self.TABLE:
+        if name not in self.known_functions:
             raise ValueError(f"scale may use only exp, log, sqrt, tanh, abs, pow, min, max; got {name}")
-        return f"{self.TABLE[name]}({', '.join(args)})"
+        return super()._lower(name, args)
 
     def _general_pow(self, base: str, e: str) -> str:
         return f"({base}) ** ({e})"

@@ -1,7 +1,8 @@
 """The function registry: every function a spec may use, defined once.
 
-Each entry gives the SymPy function (with its derivative), a range map used by the static proofs,
-and the Triton and torch lowerings used by the printers in ``codegen``. Expressions are parsed here
+Each entry gives the SymPy function (with its derivative) and its arity; ``RANGES`` gives the range maps
+used by the static proofs. How a function is written in Triton, torch or plain Python belongs to the
+printers in ``codegen`` (``TritonPrinter.known_functions`` and its siblings). Expressions are parsed here
 from the spec's text through Python's ``ast`` (never ``eval``), so only registry functions,
 the spec's own symbol and numbers can appear.
 """
@@ -209,28 +210,24 @@ class FunctionInfo:
     name: str
     arity: int  # -1: two or more arguments
     build: Callable[..., sp.Expr]  # SymPy constructor
-    triton: str  # lowering template; {0}, {1} are the printed arguments
-    torch: str
 
 
-# Triton lowerings call small @triton.jit helpers that every generated module defines
-# (``_softplus``, ``_tanh``); the rest are Triton builtins.
 REGISTRY: dict[str, FunctionInfo] = {
     f.name: f
     for f in [
-        FunctionInfo("exp", 1, sp.exp, "tl.exp({0})", "torch.exp({0})"),
-        FunctionInfo("log", 1, sp.log, "tl.log({0})", "torch.log({0})"),
-        FunctionInfo("sigmoid", 1, sigmoid, "tl.sigmoid({0})", "torch.sigmoid({0})"),
-        FunctionInfo("softplus", 1, softplus, "_softplus({0})", "torch.nn.functional.softplus({0})"),
-        FunctionInfo("silu", 1, silu, "({0} * tl.sigmoid({0}))", "torch.nn.functional.silu({0})"),
-        FunctionInfo("elu", 1, elu, "tl.where({0} > 0, {0}, tl.exp({0}) - 1.0)", "torch.nn.functional.elu({0})"),
-        FunctionInfo("relu", 1, relu, "tl.maximum({0}, 0.0)", "torch.relu({0})"),
-        FunctionInfo("tanh", 1, sp.tanh, "_tanh({0})", "torch.tanh({0})"),
-        FunctionInfo("sqrt", 1, sp.sqrt, "tl.sqrt({0})", "torch.sqrt({0})"),
-        FunctionInfo("abs", 1, sp.Abs, "tl.abs({0})", "torch.abs({0})"),
-        FunctionInfo("pow", 2, sp.Pow, "", ""),  # printed through Pow
-        FunctionInfo("min", -1, sp.Min, "tl.minimum({0}, {1})", "torch.minimum({0}, {1})"),
-        FunctionInfo("max", -1, sp.Max, "tl.maximum({0}, {1})", "torch.maximum({0}, {1})"),
+        FunctionInfo("exp", 1, sp.exp),
+        FunctionInfo("log", 1, sp.log),
+        FunctionInfo("sigmoid", 1, sigmoid),
+        FunctionInfo("softplus", 1, softplus),
+        FunctionInfo("silu", 1, silu),
+        FunctionInfo("elu", 1, elu),
+        FunctionInfo("relu", 1, relu),
+        FunctionInfo("tanh", 1, sp.tanh),
+        FunctionInfo("sqrt", 1, sp.sqrt),
+        FunctionInfo("abs", 1, sp.Abs),
+        FunctionInfo("pow", 2, sp.Pow),  # printed through Pow
+        FunctionInfo("min", -1, sp.Min),
+        FunctionInfo("max", -1, sp.Max),
     ]
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import sympy as sp
 
 from lion_gen import generate_source, load
 from lion_gen.codegen import PythonPrinter, TorchPrinter, TritonPrinter, templates_dir
-from lion_gen.functions import parse_expression
+from lion_gen.functions import REGISTRY, FunctionInfo, parse_expression
 from lion_gen.planner import plan
 from lion_gen.spec import load_spec
 
@@ -65,6 +66,41 @@ def test_printers_evaluate_to_the_same_values():
             got = eval(code, {"torch": torch, "x": torch.tensor(xv, dtype=torch.float64)})  # noqa: S307
             want = float(expr.subs(X, xv).rewrite(sp.exp).evalf())
             assert math.isclose(float(got), want, rel_tol=1e-9, abs_tol=1e-12), (text, xv, float(got), want)
+
+
+def _registry_call(name: str) -> sp.Expr:
+    """A call of registry function ``name`` on symbols, unevaluated so that sqrt and pow stay what they are."""
+    y = sp.Symbol("y", real=True)
+    info = REGISTRY[name]
+    if name == "pow":
+        return sp.Pow(X, sp.Rational(3, 2))
+    if name == "sqrt":
+        return sp.sqrt(X)
+    return info.build(X, y, evaluate=False) if info.arity != 1 else info.build(X, evaluate=False)
+
+
+@pytest.mark.parametrize("printer", [TritonPrinter, TorchPrinter], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_each_printer_lowers_every_registry_function(printer, name):
+    out = printer().doprint(_registry_call(name))
+    prefix = "tl." if printer is TritonPrinter else "torch."
+    assert prefix in out or out.startswith("_"), out
+    assert "x" in out and "**" not in out, out
+
+
+def test_the_registry_holds_no_lowerings():
+    """Lowerings belong to the printers: the registry keeps parsing, derivatives and ranges only."""
+    assert [f.name for f in dataclasses.fields(FunctionInfo)] == ["name", "arity", "build"]
+    assert {"sigmoid", "Abs", "Min", "sqrt"} <= set(TritonPrinter.known_functions)
+
+
+@pytest.mark.parametrize("printer", [TritonPrinter, TorchPrinter, PythonPrinter], ids=lambda c: c.__name__)
+def test_a_function_missing_from_a_printers_table_is_refused(printer):
+    class Without(printer):
+        known_functions = {k: v for k, v in printer.known_functions.items() if k != "exp"}
+
+    with pytest.raises(ValueError, match="exp"):
+        Without().doprint(parse_expression("exp(x) + 1", "x"))
 
 
 def test_python_printer_for_scale():
