@@ -194,7 +194,7 @@ def capture(
     q, k, v, gate, dy = make_inputs(mod.FAMILY, B, L, H, D, dtype, device)
     if torch_ops is not None and count:
         raise ValueError("torch_ops are recorded in dry runs only")
-    mode = _TorchOps(phase, torch_ops) if torch_ops is not None else contextlib.nullcontext()
+    mode = _TorchOps(phase, torch_ops, q.device) if torch_ops is not None else contextlib.nullcontext()
     mod.launch = recording_launch
     try:
         with counter if counter is not None else contextlib.nullcontext(), mode:
@@ -213,12 +213,13 @@ _WRITE_ONLY = {"fill_", "zero_", "copy_", "normal_", "uniform_"}
 
 
 class _TorchOps(TorchDispatchMode):
-    """Records torch ops that move memory, estimating each as one read of its inputs and one write of its outputs
-    (allocations and views move nothing)."""
+    """Records torch ops on ``device`` that move memory, estimating each as one read of its inputs and one write
+    of its outputs (allocations and views move nothing). Ops on other devices (such as a CPU probe kernel the
+    runtime may run once) are not the op's."""
 
-    def __init__(self, phase: list[str], sink: list[TorchOp]) -> None:
+    def __init__(self, phase: list[str], sink: list[TorchOp], device: torch.device | str) -> None:
         super().__init__()
-        self.phase, self.sink = phase, sink
+        self.phase, self.sink, self.device = phase, sink, torch.device(device)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -228,6 +229,8 @@ class _TorchOps(TorchDispatchMode):
             return out
         ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not any(t.device == self.device for t in ins + outs):
+            return out
         read = sum(_nbytes(t) for t in ins if not any(t is o for o in outs))
         if name.endswith("_") and name not in _WRITE_ONLY and ins:  # in place: self is read, then written
             read += _nbytes(ins[0])

@@ -135,8 +135,9 @@ def test_report_command_writes_json(tmp_path, capsys):
 def test_torch_ops_outside_kernels_are_estimated_and_views_are_free():
     ops: list[cost.TorchOp] = []
     a = torch.empty(10, device="meta")
-    with cost._TorchOps(["forward"], ops):
+    with cost._TorchOps(["forward"], ops, "meta"):
         a.new_empty(10)  # an allocation: nothing
+        torch.ones(3) * 2  # on another device: not the op's
         b = a + 1  # reads a, writes b
         a.add_(b)  # reads a and b, writes a
         a.view(2, 5).zero_()  # a view: nothing; zero_ writes only
