@@ -580,7 +580,8 @@ class _Schedule:
         return dict(DK=self.dk, DV=self.dv, BK=st.block_k, BV=st.block_v)
 
     def dots(self, st) -> dict:
-        return dict(C=st.chunk, PREC=st.precision, SD=self.SD)
+        """The tile constexprs and the warps of the sweeping kernels (8: their fp32 tiles spill with 4)."""
+        return dict(C=st.chunk, PREC=st.precision, SD=self.SD, num_warps=8)
 
 
 def _chunk_forward(q, k, v, gate, shape, st):
@@ -667,7 +668,7 @@ def _parallel_forward(q, k, v, gate, shape, st):
         (B * H, triton.cdiv(L, st.chunk)),
         q, k, v,
         y, n, L, H, _scale(shape.dk), EPS,
-        DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision,
+        DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision, num_warps=8,
     )
     return y, n, ()
 
@@ -679,7 +680,7 @@ def _parallel_backward(q, k, v, gate, y, n, dy, saved, shape, st):
     dv = torch.empty_like(v)
     grid = (B * H, triton.cdiv(L, st.chunk))
     common = dict(L=L, H=H, scale=_scale(shape.dk), eps=EPS, DK=shape.dk, DV=shape.dv, BK=st.block_k,
-                  BV=st.block_v, C=st.chunk, PREC=st.precision)
+                  BV=st.block_v, C=st.chunk, PREC=st.precision, num_warps=8)
     grid_args = (q, k, v, y, n, dy)
     launch(_lion_lit_parallel_bwd_q, grid, *grid_args, dq, **common)
     launch(_lion_lit_parallel_bwd_kv, grid, *grid_args, dk, dv, **common)

@@ -903,7 +903,8 @@ class _Schedule:
         return dict(DK=self.dk, DV=self.dv, BK=st.block_k, BV=st.block_v)
 
     def dots(self, st) -> dict:
-        return dict(C=st.chunk, PREC=st.precision, SD=self.SD)
+        """The tile constexprs and the warps of the sweeping kernels (8: their fp32 tiles spill with 4)."""
+        return dict(C=st.chunk, PREC=st.precision, SD=self.SD, num_warps=8)
 
 
 def _chunk_forward(q, k, v, gate, shape, st):
@@ -1013,7 +1014,7 @@ def _parallel_forward(q, k, v, gate, shape, st):
         q, k, v,
         g, g_rowed, g_stride,
         y, n, L, H, _scale(shape.dk), EPS,
-        DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision,
+        DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision, num_warps=8,
     )
     return y, n, ()
 
@@ -1028,7 +1029,7 @@ def _parallel_backward(q, k, v, gate, y, n, dy, saved, shape, st):
     halves = torch.empty(4 if True else 2, B, L, H, dtype=torch.float32, device=q.device)
     grid = (B * H, triton.cdiv(L, st.chunk))
     common = dict(L=L, H=H, scale=_scale(shape.dk), eps=EPS, DK=shape.dk, DV=shape.dv, BK=st.block_k,
-                  BV=st.block_v, C=st.chunk, PREC=st.precision)
+                  BV=st.block_v, C=st.chunk, PREC=st.precision, num_warps=8)
     launch(_lion_s_sym_parallel_bwd_q, grid, q, k, v, g, g_rowed, g_stride, halves[0], halves[1], y, n, dy, dq, **common)
     launch(_lion_s_sym_parallel_bwd_kv, grid, q, k, v, g, g_rowed, g_stride, halves[2], halves[3], y, n, dy, dk, dv, **common)
     dF, dG = halves[0] + halves[2], halves[1] + halves[3]
