@@ -73,16 +73,11 @@ from lion_gen.runtime.tiles import (  # spec-independent Triton helpers
     _load_rows,
     _load_state,
     _load_state_t,
-    _load_vec,
-    _mask,
     _sdot,
     _sdot_a,
-    _softplus,
     _sround,
     _store_rows,
     _store_state,
-    _store_vec,
-    _tanh,
 )
 
 SPEC = {'name': 'linear_causal', 'direction': 'causal', 'feature_map': {'expr': 'elu(x) + 1', 'normalize': 'none'}, 'mask': {'family': 'none'}, 'normalize_rows': False, 'scale': '1/sqrt(d)', 'eps': 1e-06, 'chunk_size': None, 'allow_unproven': False}

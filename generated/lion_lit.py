@@ -53,8 +53,6 @@ module ``LionLit(dim, num_heads)``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -76,15 +74,11 @@ from lion_gen.runtime.tiles import (  # spec-independent Triton helpers
     _load_state,
     _load_state_t,
     _load_vec,
-    _mask,
     _sdot,
-    _sdot_a,
-    _softplus,
     _sround,
     _store_rows,
     _store_state,
     _store_vec,
-    _tanh,
 )
 
 SPEC = {'name': 'lion_lit', 'direction': 'bidirectional', 'feature_map': {'expr': 'elu(x) + 1', 'normalize': 'none'}, 'mask': {'family': 'none'}, 'normalize_rows': True, 'scale': '1', 'eps': 1e-06, 'chunk_size': None, 'allow_unproven': False}

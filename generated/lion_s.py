@@ -65,8 +65,6 @@ module ``LionS(dim, num_heads)``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -83,7 +81,6 @@ from lion_gen.runtime import (
     segment_chunks,
 )
 from lion_gen.runtime.tiles import (  # spec-independent Triton helpers
-    _causal,
     _load_rows,
     _load_state,
     _load_state_t,
@@ -96,7 +93,6 @@ from lion_gen.runtime.tiles import (  # spec-independent Triton helpers
     _store_rows,
     _store_state,
     _store_vec,
-    _tanh,
 )
 
 SPEC = {'name': 'lion_s', 'direction': 'bidirectional', 'feature_map': {'expr': 'silu(x) + 1/2', 'normalize': 'l2'}, 'mask': {'family': 'selective', 'log_decay': '-softplus(z)', 'alignment': 'lion'}, 'normalize_rows': True, 'scale': '1', 'eps': 1e-06, 'chunk_size': None, 'allow_unproven': False}

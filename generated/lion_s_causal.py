@@ -63,8 +63,6 @@ module ``LionSCausal(dim, num_heads)``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -81,7 +79,6 @@ from lion_gen.runtime import (
     segment_chunks,
 )
 from lion_gen.runtime.tiles import (  # spec-independent Triton helpers
-    _causal,
     _load_rows,
     _load_state,
     _load_state_t,
@@ -94,7 +91,6 @@ from lion_gen.runtime.tiles import (  # spec-independent Triton helpers
     _store_rows,
     _store_state,
     _store_vec,
-    _tanh,
 )
 
 SPEC = {'name': 'lion_s_causal', 'direction': 'causal', 'feature_map': {'expr': 'silu(x) + 1/2', 'normalize': 'l2'}, 'mask': {'family': 'selective', 'log_decay': '-softplus(z)'}, 'normalize_rows': True, 'scale': '1', 'eps': 1e-06, 'chunk_size': None, 'allow_unproven': False}

@@ -80,11 +80,9 @@ from lion_gen.runtime import (
     segment_chunks,
 )
 from lion_gen.runtime.tiles import (  # spec-independent Triton helpers
-    _causal,
     _load_rows,
     _load_state,
     _load_state_t,
-    _load_vec,
     _mask,
     _sdot,
     _sdot_a,
@@ -92,8 +90,6 @@ from lion_gen.runtime.tiles import (  # spec-independent Triton helpers
     _sround,
     _store_rows,
     _store_state,
-    _store_vec,
-    _tanh,
 )
 
 SPEC = {'name': 'retention', 'direction': 'bidirectional', 'feature_map': {'expr': 'x', 'normalize': 'none'}, 'mask': {'family': 'decay', 'log_decay': 'log(sigmoid(z))'}, 'normalize_rows': False, 'scale': '1/sqrt(d)', 'eps': 1e-06, 'chunk_size': None, 'allow_unproven': False}

@@ -227,10 +227,50 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+# The spec-independent Triton helpers of lion_gen.runtime.tiles that a generated module may import.
+TILES_HELPERS = (
+    "_causal",
+    "_load_rows",
+    "_load_state",
+    "_load_state_t",
+    "_load_vec",
+    "_mask",
+    "_sdot",
+    "_sdot_a",
+    "_softplus",
+    "_sround",
+    "_store_rows",
+    "_store_state",
+    "_store_vec",
+    "_tanh",
+)
+
+
 def render(p: Plan, source: str = "<spec>") -> str:
-    """Render the module for a plan. Raises SpecError when the spec's name collides in the module."""
+    """Render the module for a plan. Raises SpecError when the spec's name collides in the module.
+
+    The module imports only the helpers (and ``math``) it uses: it is rendered once importing all of
+    them, and again importing those whose names the first rendering uses.
+    """
+    ctx = _context(p)
+    env = _environment()
+    text = env.get_template("module.py.j2").render(**ctx, tiles_helpers=TILES_HELPERS, import_math=True)
+    used = _used_names(text)
+    text = env.get_template("module.py.j2").render(
+        **ctx, tiles_helpers=[n for n in TILES_HELPERS if n in used], import_math="math" in used
+    )
+    _check_names(text, p, source)
+    return text
+
+
+def _used_names(text: str) -> set[str]:
+    """The names a module reads (loads), outside its import statements."""
+    return {n.id for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def _context(p: Plan) -> dict[str, object]:
     tp, th = TritonPrinter(), TorchPrinter()
-    ctx = {
+    return {
         "plan": p,
         "version": __version__,
         "spec_json": json.dumps(p.spec, indent=2, sort_keys=False),
@@ -245,9 +285,6 @@ def render(p: Plan, source: str = "<spec>") -> str:
         "scale_py": PythonPrinter().doprint(p.scale),
         "stages": [(n, p.stages.nodes[n]) for n in p.launch_order()],
     }
-    text = _environment().get_template("module.py.j2").render(**ctx)
-    _check_names(text, p, source)
-    return text
 
 
 def _check_names(text: str, p: Plan, source: str) -> None:

@@ -199,3 +199,13 @@ def test_names_that_collide_in_the_module_are_refused(name, tmp_path):
         generate_source(spec)
     assert info.value.field == "name" and "collides" in info.value.reason
     assert main([str(spec), "--out", str(tmp_path / "out")]) == 2 and not (tmp_path / "out").exists()
+
+
+def test_the_tiles_helpers_a_module_may_import_exist_and_unused_ones_are_not_imported():
+    import lion_gen.runtime.tiles as tiles
+    from lion_gen.codegen import TILES_HELPERS
+
+    assert all(callable(getattr(tiles, name, None)) for name in TILES_HELPERS)
+    src = generate_source(ROOT / "specs" / "lion_lit.yaml")  # no mask: no _mask, no _softplus
+    assert "    _mask,\n" not in src and "import math\n" not in src
+    assert "    _sdot,\n" in src
