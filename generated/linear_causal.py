@@ -327,8 +327,6 @@ def _linear_causal_bwd_grads(
     n0 = s * SEG
     n1 = tl.minimum(n0 + SEG, N)
     seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
-    o_r = o_c[:, None]
-    o_s = o_c[None, :]
     HLt = _load_state_t(hl_ptr, seg, o_v, o_k, DK, DV)  # keys left, transposed: sum_j exp(.) v_j K_j^T
     QR = _load_state(qr_ptr, seg, o_k, o_v, DK, DV)  # queries right of the segment
     for n in range(n0, n1):
@@ -346,7 +344,6 @@ def _linear_causal_bwd_grads(
         dOd = dO.to(dt)
         m = _causal(True, False, C)  # M_ij
         m_t = tl.trans(m)  # M_ji (a transpose of exps, not of a dot result: one exp per mask element)
-        S = tl.dot(Qd, tl.trans(Kd), input_precision=PREC)
         S_t = tl.dot(Kd, tl.trans(Qd), input_precision=PREC)
         dS = tl.dot(dOd, tl.trans(V), input_precision=PREC)
         dS_t = tl.dot(V, tl.trans(dOd), input_precision=PREC)
@@ -435,7 +432,6 @@ def _linear_causal_parallel_bwd_q(
     rows = t * C + o_c
     xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
     Q = phq * scale
-    Qd = Q.to(dt)
     dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
     dOd = dO.to(dt)
     # no mask: no potentials
@@ -618,7 +614,7 @@ def _chunk_forward(q, k, v, gate, shape, st):
 
 def _chunk_backward(q, k, v, gate, y, n, dy, saved, shape, st):
     sc = _Schedule(q, shape, st)
-    B, L, H = shape.batch, shape.length, shape.heads
+    L, H = sc.L, sc.H
     T, to_end, hl, hlz, hr, hrz, cr, crz = saved
     consts = sc.consts(st)
     seq = dict(L=L, H=H, SEG=sc.SEG, NS=sc.NS)

@@ -412,7 +412,6 @@ def _lion_lit_parallel_bwd_q(
     rows = t * C + o_c
     xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
     Q = phq * scale
-    Qd = Q.to(dt)
     dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
     dOd = dO.to(dt)
     # no mask: no potentials
@@ -616,13 +615,13 @@ def _chunk_forward(q, k, v, gate, shape, st):
 
 def _chunk_backward(q, k, v, gate, y, n, dy, saved, shape, st):
     sc = _Schedule(q, shape, st)
-    B, L, H = shape.batch, shape.length, shape.heads
+    L, H = sc.L, sc.H
     T, to_end, hl, hlz, hr, hrz, cr, crz = saved
     consts = sc.consts(st)
     seq = dict(L=L, H=H, SEG=sc.SEG, NS=sc.NS)
     grid = (sc.BH, sc.NS)
     gates = ()
-    dn = torch.empty(B, L, H, dtype=torch.float32, device=q.device)  # -(dY . Y) / (n + eps), from stage 1
+    dn = torch.empty(sc.B, L, H, dtype=torch.float32, device=q.device)  # -(dY . Y) / (n + eps), from stage 1
     # stage 1: per-segment summaries of (Q, dO') (and, right to left, the state entering each chunk from its right)
     bl, blz = sc.states(sc.NS)
     launch(

@@ -822,13 +822,13 @@ def _chunk_forward(q, k, v, gate, shape, st):
 
 def _chunk_backward(q, k, v, gate, y, n, dy, saved, shape, st):
     sc = _Schedule(q, shape, st)
-    B, L, H = shape.batch, shape.length, shape.heads
+    L, H = sc.L, sc.H
     T, to_end, hl, hlz, hr, hrz, cr, crz = saved
     consts = sc.consts(st)
     seq = dict(L=L, H=H, SEG=sc.SEG, NS=sc.NS)
     grid = (sc.BH, sc.NS)
     gates = _gate_layout(gate, shape)
-    dn = torch.empty(B, L, H, dtype=torch.float32, device=q.device)  # -(dY . Y) / (n + eps), from stage 1
+    dn = torch.empty(sc.B, L, H, dtype=torch.float32, device=q.device)  # -(dY . Y) / (n + eps), from stage 1
     # stage 1: per-segment summaries of (Q, dO') (and, right to left, the state entering each chunk from its right)
     bl, blz = sc.states(sc.NS)
     br, brz = sc.states(sc.NS)
@@ -851,7 +851,7 @@ def _chunk_backward(q, k, v, gate, y, n, dy, saved, shape, st):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    rows = lambda: torch.empty(B, L, H, dtype=torch.float32, device=q.device)  # noqa: E731
+    rows = lambda: torch.empty(sc.B, L, H, dtype=torch.float32, device=q.device)  # noqa: E731
     totals = lambda: torch.empty(sc.BH, sc.NS, dtype=torch.float32, device=q.device)  # noqa: E731
     terms = (rows(), totals())  # dF (and dG) per row, per-segment sums
     launch(
@@ -864,7 +864,7 @@ def _chunk_backward(q, k, v, gate, y, n, dy, saved, shape, st):
         **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
     )
     # stage 4: suffix sums of the gate terms, times dl/dz
-    dgate = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
+    dgate = torch.empty(sc.B, L, H, dtype=torch.float32, device=q.device)
     launch(_lion_s_causal_gate_grad, grid, *gates, *terms, dgate, **seq, C=st.chunk)
     return dq, dk, dv, dgate.to(gate.dtype)
 

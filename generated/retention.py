@@ -898,7 +898,7 @@ def _chunk_forward(q, k, v, gate, shape, st):
 
 def _chunk_backward(q, k, v, gate, y, n, dy, saved, shape, st):
     sc = _Schedule(q, shape, st)
-    B, L, H = shape.batch, shape.length, shape.heads
+    L, H = sc.L, sc.H
     T, to_end, hl, hlz, hr, hrz, cr, crz = saved
     consts = sc.consts(st)
     seq = dict(L=L, H=H, SEG=sc.SEG, NS=sc.NS)
@@ -927,7 +927,7 @@ def _chunk_backward(q, k, v, gate, y, n, dy, saved, shape, st):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    rows = lambda: torch.empty(B, L, H, dtype=torch.float32, device=q.device)  # noqa: E731
+    rows = lambda: torch.empty(sc.B, L, H, dtype=torch.float32, device=q.device)  # noqa: E731
     totals = lambda: torch.empty(sc.BH, sc.NS, dtype=torch.float32, device=q.device)  # noqa: E731
     terms = (rows(), totals(), rows(), totals())  # dF (and dG) per row, per-segment sums
     launch(
@@ -944,7 +944,7 @@ def _chunk_backward(q, k, v, gate, y, n, dy, saved, shape, st):
     # stage 4: suffix sums of the gate terms, summed per segment; one number per head
     part = torch.empty(sc.BH, sc.NS, dtype=torch.float32, device=q.device)
     launch(_retention_gate_grad, grid, *gates, *terms, part, **seq, C=st.chunk)
-    dl = part.view(B, H, sc.NS).sum((0, 2), dtype=torch.float64)
+    dl = part.view(sc.B, H, sc.NS).sum((0, 2), dtype=torch.float64)
     return dq, dk, dv, (dl * _log_decay_grad_torch(gate.double())).to(gate.dtype)
 
 
