@@ -23,6 +23,7 @@ from lion_gen.runtime.launch import STAGES
 
 SPECS = ["lion_lit", "lion_d", "lion_s", "lion_s_causal", "lion_s_sym", "linear_causal", "retention"]
 H100_SHARED = cost.H100_SHARED  # bytes of shared memory one block may use on sm_90
+POINTER = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "int32": "*i32", "int64": "*i64"}
 
 
 @pytest.mark.skipif("nvidia" not in triton.backends.backends, reason="Triton's NVIDIA backend is not installed")
@@ -38,13 +39,16 @@ def test_kernels_compile_for_hopper_and_fit_in_shared_memory(name):
     figures = name == "lion_s"  # ptxas runs afresh (no cache) for one spec, to check its figures are read
     results = cost.compile_launches(launches, ptxas_log=figures)
     assert [r["kernel"] for r in results] == [r.kernel for r in launches]
-    for r in results:
+    for rec, r in zip(launches, results, strict=True):
         assert r["error"] is None, r["error"]
         assert r["shared"] <= H100_SHARED, f"{r['kernel']}: {r['shared']} bytes of shared memory"
         # bf16 at head dim 64, chunk 64 must fit an H100 block pipelined, without the launch's fallback
         assert r["num_stages"] == STAGES[0], f"{r['kernel']} falls back: {r['attempts']}"
-        assert r["num_warps"] >= 1 and r["signature"]
-        assert any(v.startswith("*bf16") for v in r["signature"].values()), r["signature"]
+        assert r["num_warps"] >= 1
+        # the signature comes from the launch's own tensors: one pointer of the tensor's dtype per tensor
+        tensors = [a["tensor"] for a in [*rec.args, *rec.kwargs.values()] if isinstance(a, dict)]
+        pointers = [v for v in r["signature"].values() if v.startswith("*")]
+        assert sorted(pointers) == sorted(POINTER[t] for t in tensors), (r["kernel"], r["signature"])
         assert r["attrs"], "a launch's torch allocations are 16-byte aligned: pointers carry tt.divisibility"
         if figures:
             assert 0 < r["registers"] <= 255 and r["spill_stores"] is not None and r["stack"] is not None, r
