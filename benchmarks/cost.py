@@ -158,6 +158,7 @@ def capture(
     count: bool = False,
     device: str | None = None,
     torch_ops: list[TorchOp] | None = None,
+    schedule_bh: int | None = None,
 ) -> list[Launch]:
     """Every launch of generated.<name> forward and backward at (B, L, H, D), in launch order.
 
@@ -165,6 +166,8 @@ def capture(
     compiled: it records kernels, grids and arguments. count=True: the kernels run under the Triton interpreter
     with their memory traffic and dot FLOPs counted (needs TRITON_INTERPRET=1 before the module is imported).
     torch_ops (dry runs only): a list that receives the torch ops the host code runs outside the kernels.
+    schedule_bh: schedule the launches as for this many (b, h) pairs (the chunk form's segment length depends
+    on B * H), so that a run at a small B * H counts, per (b, h), exactly what the full shape does.
     """
     mod = importlib.import_module(f"generated.{name}")
     op = getattr(mod, name)
@@ -196,6 +199,9 @@ def capture(
         raise ValueError("torch_ops are recorded in dry runs only")
     mode = _TorchOps(phase, torch_ops, q.device) if torch_ops is not None else contextlib.nullcontext()
     mod.launch = recording_launch
+    real_schedule = getattr(mod, "segment_chunks", None)
+    if schedule_bh is not None and real_schedule is not None:
+        mod.segment_chunks = lambda bh, n, dev: real_schedule(schedule_bh, n, dev)
     try:
         with counter if counter is not None else contextlib.nullcontext(), mode:
             y = op(q, k, v, gate, form=form, chunk_size=chunk)
@@ -203,6 +209,8 @@ def capture(
             y.backward(dy)
     finally:
         mod.launch = real_launch
+        if real_schedule is not None:
+            mod.segment_chunks = real_schedule
     if counter is not None and (counter.outside.read or counter.outside.written):
         raise RuntimeError(f"memory traffic outside any launch: {counter.outside}")
     return launches
@@ -643,14 +651,15 @@ def count_traffic(c: Config, count_batch: int = 1, count_heads: int = 2) -> Coun
     torch_ops: list[TorchOp] = []
     anchor = capture(c.spec, c.B, c.L, c.H, c.D, dtype, c.chunk, c.form, torch_ops=torch_ops)
     try:
-        counted = capture(c.spec, cb, c.L, ch, c.D, dtype, c.chunk, c.form, count=True)
+        counted = capture(c.spec, cb, c.L, ch, c.D, dtype, c.chunk, c.form, count=True, schedule_bh=c.B * c.H)
     except Exception as e:  # the interpreter's bfloat16 support is partial; float16 has the same element size
         if dtype != torch.bfloat16:
             raise
         note = f"bfloat16 failed under the interpreter ({type(e).__name__}: {str(e)[:80]}); counted in float16"
         dtype = torch.float16
-        counted = capture(c.spec, cb, c.L, ch, c.D, dtype, c.chunk, c.form, count=True)
-    if [(r.phase, r.kernel) for r in counted] != [(r.phase, r.kernel) for r in anchor]:
+        counted = capture(c.spec, cb, c.L, ch, c.D, dtype, c.chunk, c.form, count=True, schedule_bh=c.B * c.H)
+    # the same launches, each with the same per-(b, h) grid (axis 0 is b * h)
+    if [(r.phase, r.kernel, r.grid[1:]) for r in counted] != [(r.phase, r.kernel, r.grid[1:]) for r in anchor]:
         raise RuntimeError(
             f"the launches at B={cb}, H={ch} differ from those at B={c.B}, H={c.H}: the counts cannot be scaled; "
             "pass --count-batch/--count-heads equal to B and H"
