@@ -3,6 +3,10 @@
 It shares no code with the generator's printers or templates: expressions are evaluated through
 SymPy's lambdify with torch implementations of the registry functions, the mask is built entry by
 entry from its definition, and gradients come from float64 autograd.
+
+Every step computes in the dtype of its inputs. The tests also run it on float32 inputs: that
+evaluation, independent of the generator, measures what plain float32 arithmetic reaches on the same
+inputs, and bounds the kernels' error where float32 cannot meet the contract's bar.
 """
 
 from __future__ import annotations
@@ -25,9 +29,15 @@ TORCH_FUNCS: dict[str, Any] = {
     "sqrt": torch.sqrt,
     "tanh": torch.tanh,
     "Abs": torch.abs,
-    "Min": lambda a, b: torch.minimum(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)),
-    "Max": lambda a, b: torch.maximum(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)),
+    "Min": lambda a, b: torch.minimum(*_tensors(a, b)),
+    "Max": lambda a, b: torch.maximum(*_tensors(a, b)),
 }
+
+
+def _tensors(a, b) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both arguments as tensors of the dtype of the one that is a tensor (a constant may be a number)."""
+    dtype = a.dtype if isinstance(a, torch.Tensor) else b.dtype
+    return torch.as_tensor(a, dtype=dtype), torch.as_tensor(b, dtype=dtype)
 
 
 def elementwise(text: str, symbol: str):
@@ -36,11 +46,13 @@ def elementwise(text: str, symbol: str):
     return lambda t: fn(t) + torch.zeros_like(t)  # constants broadcast to the tensor's shape
 
 
-def mask_matrix(spec: dict[str, Any], log_gates: torch.Tensor | None, length: int) -> torch.Tensor:
-    """M (B, H, L, L) exactly as CONTRACT section 3 defines it (float64)."""
+def mask_matrix(
+    spec: dict[str, Any], log_gates: torch.Tensor | None, length: int, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """M (B, H, L, L) exactly as CONTRACT section 3 defines it, in the dtype of log_gates (else dtype)."""
     causal = spec["direction"] == "causal"
     if log_gates is None:
-        m = torch.ones(length, length, dtype=torch.float64)
+        m = torch.ones(length, length, dtype=dtype)
         return torch.tril(m) if causal else m
     lg = log_gates.permute(0, 2, 1)  # (B, H, L)
     P = torch.cat([torch.zeros_like(lg[..., :1]), lg.cumsum(-1)], -1)  # P_m, m = 0..L
@@ -62,7 +74,7 @@ def mask_matrix(spec: dict[str, Any], log_gates: torch.Tensor | None, length: in
 
 
 def attention(spec: dict[str, Any], q, k, v, gate) -> torch.Tensor:
-    """y (B, L, H, Dv) in float64 from float64 inputs (differentiable)."""
+    """y (B, L, H, Dv) in the dtype of the inputs (float64 for the reference; differentiable)."""
     f = elementwise(spec["feature_map"]["expr"], "x")
 
     def phi(x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +91,7 @@ def attention(spec: dict[str, Any], q, k, v, gate) -> torch.Tensor:
     if family != "none":
         ld = elementwise(spec["mask"]["log_decay"], "z")
         log_gates = ld(gate) if family == "selective" else ld(gate)[None, None, :].expand(B, L, H)
-    M = mask_matrix(spec, log_gates, L)
+    M = mask_matrix(spec, log_gates, L, q.dtype)
     A = scale * torch.einsum("bihd,bjhd->bhij", phi(q), phi(k)) * M
     y = torch.einsum("bhij,bjhd->bihd", A, v)
     if spec["normalize_rows"]:

@@ -18,6 +18,13 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TOL = {torch.float32: 1e-5 if INTERPRETED else 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
+LABELS = ("y", "q", "k", "v", "gate")
+# Where float32 arithmetic itself cannot reach the bar (see `fp32_limited`), a kernel may be off by this
+# factor times the error of the oracle evaluated in float32 on the same inputs: a different summation
+# order gave up to 4.2x (L = 1) and 6.7x (decay gate) the oracle's float32 error across seeds.
+FP32_FACTOR = 10.0
+
+
 def module(name: str):
     return importlib.import_module(f"generated.{name}")
 
@@ -40,46 +47,76 @@ def make_inputs(mod, B, L, H, dk, dv, device, gate_scale=2.0, seed=0):
     return [t.to(device) if t is not None else None for t in (q, k, v, gate)]
 
 
-def compare(name: str, B, L, H, dk, dv, chunk, device, dtype=torch.float32, gate_scale=2.0, form="chunk"):
-    mod = module(name)
+def reference(spec: dict, ins: list[torch.Tensor], dy: torch.Tensor, dtype=torch.float64) -> dict[str, torch.Tensor]:
+    """The oracle's output and input gradients, evaluated in `dtype` on the CPU (float64: the truth)."""
+    x = [t.detach().cpu().to(dtype).requires_grad_() for t in ins]
+    y = oracle.attention(spec, *x[:3], x[3] if len(x) > 3 else None)
+    y.backward(dy.to(dtype))
+    return {"y": y.detach(), **{label: t.grad for label, t in zip(LABELS[1:], x, strict=False)}}
+
+
+def fp32_limited(spec: dict, family: str, L: int) -> list[str]:
+    """The results float32 arithmetic cannot bring within the contract's bar, whatever the algorithm.
+
+    - L = 1 with normalized rows: the exact q and k gradients are pure eps effects, about eps/n times the
+      terms that cancel in them (y = v n / (n + eps)); float32 resolves them to a few % (lion_s) or not
+      at all (lion_lit, where n ~ 40 and eps/n is below float32's epsilon).
+    - A fixed (decay) mask: the gate's gradient is one number per head, a sum over all L^2 pairs with
+      heavy cancellation; the oracle in float32 reaches 6e-7 to 5e-5 at L = 130 (the larger with dk = 64).
+    """
+    limited = ["q", "k"] if L == 1 and spec["normalize_rows"] else []
+    return limited + (["gate"] if family == "decay" and L > 1 else [])
+
+
+def compare(
+    name,
+    B,
+    L,
+    H,
+    dk,
+    dv,
+    chunk,
+    device,
+    dtype=torch.float32,
+    gate_scale=2.0,
+    form="chunk",
+):
+    """The op (form, chunk) against the float64 oracle: output and every gradient within the bar.
+
+    name: a generated module's name, or a module (e.g. from lion_gen.load).
+    Every bound comes from the contract or from the oracle, never from the module under test.
+    """
+    mod = module(name) if isinstance(name, str) else name
+    spec, fn_name = mod.SPEC, mod.SPEC["name"]
     q, k, v, gate = make_inputs(mod, B, L, H, dk, dv, device, gate_scale)
     ins = [t for t in (q, k, v, gate) if t is not None]
-    ref_in = [t.detach().cpu().double().requires_grad_() for t in ins]
-    y_ref = oracle.attention(mod.SPEC, *ref_in[:3], ref_in[3] if gate is not None else None)
-    dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    y_ref.backward(dy)
-    test_in = [t.to(dtype) if i < 3 else t for i, t in enumerate(ins)]
-    test_in = [t.detach().clone().requires_grad_() for t in test_in]
-    y = getattr(mod, name)(*test_in[:3], test_in[3] if gate is not None else None, form=form, chunk_size=chunk)
+    dy = torch.randn((B, L, H, dv), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = reference(spec, ins, dy)
+    test_in = [(t.to(dtype) if i < 3 else t).detach().clone().requires_grad_() for i, t in enumerate(ins)]
+    y = getattr(mod, fn_name)(*test_in[:3], test_in[3] if gate is not None else None, form=form, chunk_size=chunk)
     assert y.dtype == dtype and y.shape == (B, L, H, dv)
     y.backward(dy.to(device=device, dtype=dtype))
-    tol = TOL[dtype]
-    errors = {"y": rel_rms(y.cpu(), y_ref.detach())}
-    # At L = 1 with normalized rows the exact gradients of q and k are pure eps effects, about eps/n times
-    # the terms that cancel in them, and the gate's is exactly 0 (no off-diagonal pairs): fp32 cannot
-    # resolve them relative to themselves, so there they are measured against rms(dY), the size of those terms.
-    scale = dy.pow(2).mean().sqrt().item()
-    floor = {
-        "q": scale if L == 1 and mod.SPEC["normalize_rows"] else 0.0,
-        "k": scale if L == 1 and mod.SPEC["normalize_rows"] else 0.0,
-        "v": 0.0,
-        "gate": scale if L == 1 else 0.0,
-    }
-    for label, t, r in zip(["q", "k", "v", "gate"], test_in, ref_in, strict=False):
+    got = {"y": y.detach()}
+    for label, t in zip(LABELS[1:], test_in, strict=False):
         assert t.grad is not None, f"no gradient for {label}"
         assert t.grad.shape == t.shape and t.grad.dtype == t.dtype
-        errors[label] = rel_rms(t.grad.cpu(), r.grad, floor[label])
-    limits = {key: tol for key in errors}
-    if gate is not None and dtype == torch.float32 and L > 1:
-        # The gate's gradient sums W_ij over all pairs (for a decay mask, into one number per head) and
-        # cancels heavily: fp32 arithmetic cannot promise 1e-5 on it (the plain fp32 materialized form
-        # reaches 2e-5 on lion_d at L = 130 for some seeds). There the bound is what fp32 reaches on the same
-        # inputs, up to the factor 5 that a different summation order gave across seeds, if that is larger.
-        plain = [t.detach().cpu().float().requires_grad_() for t in ins]
-        getattr(mod, name)(*plain, form="reference").backward(dy.float())
-        limits["gate"] = max(tol, 5 * rel_rms(plain[3].grad, ref_in[3].grad))
+        got[label] = t.grad
+    # At L = 1 there are no off-diagonal pairs and the gate's exact gradient is 0: it is measured against
+    # rms(dY), the size of the terms W_ij that make it up at L > 1.
+    floor = {"gate": dy.pow(2).mean().sqrt().item()} if L == 1 else {}
+    errors = {key: rel_rms(got[key].cpu(), ref[key], floor.get(key, 0.0)) for key in ref}
+    limits = {key: TOL[dtype] for key in errors}
+    limited = fp32_limited(spec, mod.FAMILY, L) if dtype == torch.float32 else []
+    if limited:
+        # Where float32 cannot meet the bar (see fp32_limited), the bound is what float32 reaches on the
+        # same inputs: the oracle itself (which shares no code with the generator) run in float32.
+        ref32 = reference(spec, ins, dy, torch.float32)
+        for key in limited:
+            limits[key] = max(limits[key], FP32_FACTOR * rel_rms(ref32[key], ref[key]))
+    where = f"{fn_name} {form} L={L} C={chunk} dk={dk} dv={dv} {dtype}"
     bad = {key: e for key, e in errors.items() if not e <= limits[key]}
-    assert not bad, f"{name} {form} L={L} C={chunk} dk={dk} dv={dv} {dtype}: above {limits}: {bad} (all: {errors})"
+    assert not bad, f"{where}: above {limits}: {bad} (all: {errors})"
+    return errors
 
 
 @pytest.mark.parametrize("form", ["chunk", "parallel"])
