@@ -13,6 +13,8 @@ import oracle
 import pytest
 import torch
 
+import lion_gen
+
 SPECS = ["lion_lit", "lion_d", "lion_s", "lion_s_causal", "lion_s_sym", "linear_causal", "retention"]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TOL = {torch.float32: 1e-5 if INTERPRETED else 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -34,10 +36,11 @@ def rel_rms(got: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
     return (err / max(ref.pow(2).mean().sqrt().item(), floor)).item()
 
 
-def make_inputs(mod, B, L, H, dk, dv, device, gate_scale=2.0, seed=0):
+def make_inputs(mod, B, L, H, dk, dv, device, gate_scale=2.0, seed=0, qk_shift=0.0):
+    """Random inputs; qk_shift moves q and k (a large negative shift with elu(x) + 1 makes phi ~ 0)."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, L, H, dk, generator=g)
-    k = torch.randn(B, L, H, dk, generator=g)
+    q = torch.randn(B, L, H, dk, generator=g) + qk_shift
+    k = torch.randn(B, L, H, dk, generator=g) + qk_shift
     v = torch.randn(B, L, H, dv, generator=g)
     gate = {
         "none": None,
@@ -80,15 +83,18 @@ def compare(
     dtype=torch.float32,
     gate_scale=2.0,
     form="chunk",
+    qk_shift=0.0,
+    eps_effect=None,
 ):
     """The op (form, chunk) against the float64 oracle: output and every gradient within the bar.
 
-    name: a generated module's name, or a module (e.g. from lion_gen.load).
+    name: a generated module's name, or a module (e.g. from lion_gen.load). eps_effect: also require that
+    eps changes the oracle's output and gradients by at least this much (relative RMS) on these inputs.
     Every bound comes from the contract or from the oracle, never from the module under test.
     """
     mod = module(name) if isinstance(name, str) else name
     spec, fn_name = mod.SPEC, mod.SPEC["name"]
-    q, k, v, gate = make_inputs(mod, B, L, H, dk, dv, device, gate_scale)
+    q, k, v, gate = make_inputs(mod, B, L, H, dk, dv, device, gate_scale, qk_shift=qk_shift)
     ins = [t for t in (q, k, v, gate) if t is not None]
     dy = torch.randn((B, L, H, dv), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref = reference(spec, ins, dy)
@@ -116,6 +122,11 @@ def compare(
     where = f"{fn_name} {form} L={L} C={chunk} dk={dk} dv={dv} {dtype}"
     bad = {key: e for key, e in errors.items() if not e <= limits[key]}
     assert not bad, f"{where}: above {limits}: {bad} (all: {errors})"
+    if eps_effect is not None:
+        no_eps = reference({**spec, "eps": 0.0}, ins, dy)
+        effect = {key: rel_rms(no_eps[key], ref[key]) for key in ref if ref[key].abs().max() > 0}
+        weak = {key: e for key, e in effect.items() if not e >= eps_effect}
+        assert not weak, f"{where}: eps changes these by less than {eps_effect}: {weak}"
     return errors
 
 
@@ -156,6 +167,64 @@ def test_strong_gates_stay_finite_and_exact(name, form, device):
     for t in (y, *[t.grad for t in ins], gate.grad):
         assert torch.isfinite(t).all()
     compare(name, 1, 70, 2, 16, 16, 16, device, gate_scale=25.0, form=form)
+
+
+# Specs whose eps is comparable to the row sums (created here, not shipped): LION-S's feature map and
+# mask with eps 1, LION-LIT's with eps 1/2.
+EPS_SPECS = {
+    "lion_s_eps": """name: lion_s_eps
+feature_map: {expr: silu(x) + 1/2, normalize: l2}
+mask: {family: selective, log_decay: -softplus(z), alignment: lion}
+normalize_rows: true
+eps: 1.0
+""",
+    "lion_lit_eps": """name: lion_lit_eps
+feature_map: {expr: elu(x) + 1}
+mask: {family: none}
+normalize_rows: true
+eps: 0.5
+""",
+}
+# (module, shift of q and k). Row sums n_i = sum_j A_ij at L = 1 and 37 (seed 0, dk = 32):
+#   lion_s_eps, no shift: n in [0.5, 3.3] against eps = 1; eps changes y and every gradient by 0.6 to 1.5;
+#   lion_lit_eps, shift -4 (phi ~ e^-4): n in [0.02, 2.9] against eps = 1/2; eps changes all by 0.4 to 16;
+#   lion_lit (eps 1e-6), shift -6 (phi ~ e^-6): n in [4e-4, 5e-2]; eps changes all by 5e-5 (L = 37) to
+#   2e-3 (L = 1); a larger shift loses more to elu(x) + 1 in float32 (see test_elu_features_keep_precision).
+EPS_CASES = [("lion_s_eps", 0.0), ("lion_lit_eps", -4.0), ("lion_lit", -6.0)]
+
+
+@pytest.fixture(scope="module")
+def eps_modules(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eps_specs")
+    mods = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LION_GEN_CACHE", str(root / "cache"))
+        for name, text in EPS_SPECS.items():
+            (root / f"{name}.yaml").write_text(text, encoding="utf-8")
+            mods[name] = lion_gen.load(root / f"{name}.yaml")
+    assert all(mods[name].SPEC["eps"] >= 0.5 for name in EPS_SPECS)
+    return mods
+
+
+@pytest.mark.parametrize("form", ["chunk", "parallel"])
+@pytest.mark.parametrize("L", [1, 37])
+@pytest.mark.parametrize("name,shift", EPS_CASES)
+def test_eps_where_it_matters(name, shift, L, form, device, eps_modules):
+    """Row sums comparable to eps (L = 37 is not a multiple of the chunk 16): output and all gradients
+    match the oracle, and eps moves every one of them by at least 4x the interpreter's bar."""
+    mod = eps_modules.get(name) or module(name)
+    compare(mod, 2, L, 2, 32, 16, 16, device, form=form, qk_shift=shift, eps_effect=4e-5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="elu(x) + 1 is lowered as (exp(x) - 1) + 1: for x ~ -12 float32 keeps only ~3 digits of phi "
+    "(errors 7e-4 in y and every gradient; where(x > 0, x + 1, exp(x)) would keep them all)",
+)
+def test_elu_features_keep_precision(device):
+    """phi = elu(x) + 1 ~ e^-12 is representable to float32 precision; the contract's bar holds there too."""
+    compare("linear_causal", 1, 7, 2, 32, 16, 16, device, qk_shift=-12.0)
 
 
 @pytest.mark.parametrize("name", SPECS)
