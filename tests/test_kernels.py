@@ -6,6 +6,7 @@ output and every gradient (q, k, v, gate); compiled on a GPU, 1e-4 (float32) and
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 
@@ -241,7 +242,7 @@ def test_oracle_matches_rnn_form():
     """The oracle's mask agrees with the bidirectional RNN of the reference code (an independent form)."""
     mod = module("lion_s")
     q, k, v, gate = (t.double() for t in make_inputs(mod, 1, 11, 2, 4, 3, "cpu"))
-    assert rel_rms(oracle.attention(mod.SPEC, q, k, v, gate), oracle.rnn(mod.SPEC, q, k, v, gate)) < 1e-5
+    assert rel_rms(oracle.attention(mod.SPEC, q, k, v, gate), oracle.rnn(mod.SPEC, q, k, v, gate)) < 1e-13
 
 
 def test_poisoned_allocations_are_active():
@@ -259,9 +260,15 @@ def test_module_trains(name, device):
     out.square().mean().backward()
     for pname, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
-    ref = getattr(mod, mod.SPEC["name"].title().replace("_", ""))(32, 2, form="reference")
-    ref.load_state_dict(layer.state_dict())
-    assert rel_rms(out.detach().cpu(), ref.cpu()(x.cpu()).detach().double()) < 1e-5
+    # against the oracle on the layer's own projections (float64), not against another form of the module
+    with torch.no_grad():
+        ref_layer = copy.deepcopy(layer).cpu().double()
+        xd = x.cpu().double()
+        q, k, v = (getattr(ref_layer, f"{p}_proj")(xd).view(2, 21, 2, 16) for p in "qkv")
+        gate = {"none": lambda: None, "decay": lambda: ref_layer.gate, "selective": lambda: ref_layer.gate_proj(xd)}
+        gate = gate[mod.FAMILY]()
+        ref = ref_layer.out_proj(oracle.attention(mod.SPEC, q, k, v, gate).reshape(2, 21, 32))
+    assert rel_rms(out.detach().cpu(), ref) < 1e-5
 
 
 def test_numpy_oracle_self_checks(capsys):
@@ -295,9 +302,13 @@ def test_float16_states_do_not_overflow(name, form, device):
     a state cast to float16 would overflow (65504) although the result is representable."""
     mod = module(name)
     q, k, v, _ = make_inputs(mod, 1, 40, 1, 16, 16, device)
-    v = v + 2000.0
+    v = v * 100.0 + 2000.0
     gate = None if mod.FAMILY == "none" else torch.full((1,), 12.0, device=device)  # lambda = sigmoid(12): slow
     y = getattr(mod, name)(q.half(), k.half(), v.half(), gate, form=form, chunk_size=16)
     args = [t.double().cpu() if t is not None else None for t in (q, k, v.half(), gate)]
     ref = oracle.attention(mod.SPEC, *args)
-    assert torch.isfinite(y).all() and rel_rms(y.cpu(), ref) < 1e-2
+    assert torch.isfinite(y).all()
+    # y = 2000 + a weighted mean of 100 randn: rel_rms(y, ref) would hide any error in the weights behind
+    # the offset, so the part that depends on them is checked, to float16's resolution of y (ulp 1 to 2
+    # near 2000, against a spread of about 16; measured 0.018)
+    assert rel_rms(y.cpu() - 2000.0, ref - 2000.0) < 0.05
