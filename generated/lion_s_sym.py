@@ -49,11 +49,11 @@
 #       reads seg_decay, kv_summary_left, kv_summary_right; writes kv_carried_left, kv_carried_right
 #   forward: fwd_output -> _lion_s_sym_fwd_output, grid (b, h, segment): y (and n) per chunk: intra-chunk attention plus the carried states, left to right
 #       reads q, k, v, gate, to_end, kv_carried_left, kv_carried_right, kv_chunk_right; writes y, n
-#   backward: bwd_summary -> _lion_s_sym_bwd_summary, grid (b, h, segment): dO' per row, per-segment summaries of (Q, dO') and the state entering each chunk from its right
+#   backward: bwd_summary -> _lion_s_sym_bwd_summary, grid (b, h, segment): dO' per row, per-segment summaries of (Q, dO') and the state entering each chunk from its right (no mask: sums of Q dO'^T, and dq from the global state, with Y recomputed instead of read)
 #       reads q, y, n, dy, gate; writes dn, qd_summary_left, qd_summary_right, qd_chunk_right
 #   backward: bwd_scan -> _lion_s_sym_scan, grid (b, h): the (Q, dO') states carried into every segment
 #       reads seg_decay, qd_summary_left, qd_summary_right; writes qd_carried_left, qd_carried_right
-#   backward: bwd_grads -> _lion_s_sym_bwd_grads, grid (b, h, segment): dq, dk, dv (through phi') and the gate terms per row, left to right
+#   backward: bwd_grads -> _lion_s_sym_bwd_grads, grid (b, h, segment): dq, dk, dv (through phi') and the gate terms per row, left to right (no mask: dk, dv)
 #       reads q, k, v, gate, n, dy, dn, to_end, kv_carried_left, kv_carried_right, kv_chunk_right, qd_carried_left, qd_carried_right, qd_chunk_right; writes dq, dk, dv, gate_terms
 #   backward: gate_grad -> _lion_s_sym_gate_grad, grid (b, h, segment): suffix sums of the gate terms, times d log_decay / dz
 #       reads gate, gate_terms; writes dgate
@@ -378,7 +378,7 @@ def _lion_s_sym_bwd_summary(
     o_c = tl.arange(0, C)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
-    dt = y_ptr.dtype.element_ty
+    dt = dy_ptr.dtype.element_ty
     N = tl.cdiv(L, C)
     s = tl.program_id(1)  # the segment: chunks [n0, n1)
     n0 = s * SEG
@@ -956,6 +956,9 @@ def _chunk_backward(q, k, v, gate, y, n, dy, saved, shape, st):
     grid = (sc.BH, sc.NS)
     gates = _gate_layout(gate, shape)
     dn = torch.empty(sc.B, L, H, dtype=torch.float32, device=q.device)  # -(dY . Y) / (n + eps), from stage 1
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
     # stage 1: per-segment summaries of (Q, dO') (and, right to left, the state entering each chunk from its right)
     bl, blz = sc.states(sc.NS)
     br, brz = sc.states(sc.NS)
@@ -976,9 +979,6 @@ def _chunk_backward(q, k, v, gate, y, n, dy, saved, shape, st):
         sc.NS, LEFT=True, RIGHT=True, **consts,
     )
     # stage 3: dq, dk, dv and the gate terms per row
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
     rows = lambda: torch.empty(sc.B, L, H, dtype=torch.float32, device=q.device)  # noqa: E731
     totals = lambda: torch.empty(sc.BH, sc.NS, dtype=torch.float32, device=q.device)  # noqa: E731
     terms = (rows(), totals(), rows(), totals())  # dF (and dG) per row, per-segment sums

@@ -212,6 +212,10 @@ def _local(s: Switches) -> bool:  # not the global-state case: chunks see their 
     return not s["global"]
 
 
+def _global(s: Switches) -> bool:  # no mask, bidirectional: one global state
+    return s["global"]
+
+
 def _two_way(s: Switches) -> bool:  # states flow in from both sides
     return s["bidir"] and not s["global"]
 
@@ -234,7 +238,7 @@ BUFFERS: dict[str, tuple[str, Callable[[Switches], bool]]] = {
     "y": ("the output (B, L, H, Dv)", _always),
     "n": ("row sums n_i (B, L, H)", lambda s: s["normalize"]),
     # backward
-    "dn": ("-(dY . Y) / (n + eps) per row", lambda s: s["normalize"]),
+    "dn": ("-(dY . Y) / (n + eps) per row", lambda s: s["normalize"] and not s["global"]),
     "qd_summary_left": ("per segment: sum exp(P_b - G_i) Q_i dO'_i^T", lambda s: s["bidir"] or s["global"]),
     "qd_summary_right": ("per segment: sum exp(F_i - P_a) Q_i dO'_i^T", _local),
     "qd_chunk_right": ("per chunk: the (Q, dO') state entering it from the right, within its segment", _local),
@@ -250,8 +254,8 @@ BUFFERS: dict[str, tuple[str, Callable[[Switches], bool]]] = {
     "dgate": ("the gate's gradient", lambda s: s["gated"]),
 }
 
-# (stage, pass, template, function, grid, what it computes, reads, writes, condition); a read may carry
-# its own condition, as (buffer, condition).
+# (stage, pass, template, function, grid, what it computes, reads, writes, condition); a read or a write
+# may carry its own condition, as (buffer, condition).
 STAGES: tuple[tuple[Any, ...], ...] = (
     (
         "fwd_summary",
@@ -285,7 +289,7 @@ STAGES: tuple[tuple[Any, ...], ...] = (
         (
             "q",
             ("k", _local),
-            "v",
+            ("v", _local),
             "gate",
             ("to_end", _two_way),
             "kv_carried_left",
@@ -301,9 +305,10 @@ STAGES: tuple[tuple[Any, ...], ...] = (
         "summary",
         "bwd_summary",
         "(b, h, segment)",
-        "dO' per row, per-segment summaries of (Q, dO') and the state entering each chunk from its right",
-        ("q", ("y", lambda s: s["normalize"]), "n", "dy", "gate"),
-        ("dn", "qd_summary_left", "qd_summary_right", "qd_chunk_right"),
+        "dO' per row, per-segment summaries of (Q, dO') and the state entering each chunk from its right "
+        "(no mask: sums of Q dO'^T, and dq from the global state, with Y recomputed instead of read)",
+        ("q", ("y", _local), "n", "dy", "gate", ("kv_carried_left", _global)),
+        ("dn", "qd_summary_left", "qd_summary_right", "qd_chunk_right", ("dq", _global)),
         _always,
     ),
     (
@@ -323,24 +328,24 @@ STAGES: tuple[tuple[Any, ...], ...] = (
         "grads",
         "bwd_grads",
         "(b, h, segment)",
-        "dq, dk, dv (through phi') and the gate terms per row, left to right",
+        "dq, dk, dv (through phi') and the gate terms per row, left to right (no mask: dk, dv)",
         (
-            "q",
+            ("q", _local),
             "k",
             "v",
             "gate",
-            "n",
-            "dy",
+            ("n", _local),
+            ("dy", _local),
             "dn",
             "to_end",
-            "kv_carried_left",
+            ("kv_carried_left", _local),
             "kv_carried_right",
             "kv_chunk_right",
             "qd_carried_left",
             "qd_carried_right",
             "qd_chunk_right",
         ),
-        ("dq", "dk", "dv", "gate_terms"),
+        (("dq", _local), "dk", "dv", "gate_terms"),
         _always,
     ),
     (
@@ -358,7 +363,7 @@ STAGES: tuple[tuple[Any, ...], ...] = (
 SINKS = ("y", "dq", "dk", "dv", "dgate")  # what the op returns
 
 
-def _read(entry: str | tuple[str, Callable[[Switches], bool]], switches: Switches) -> str | None:
+def _entry(entry: str | tuple[str, Callable[[Switches], bool]], switches: Switches) -> str | None:
     if isinstance(entry, str):
         return entry
     name, cond = entry
@@ -379,8 +384,8 @@ def stage_graph(switches: Switches) -> nx.DiGraph:
                 function=function,
                 grid=grid,
                 doc=doc,
-                reads=tuple(r for r in (_read(x, switches) for x in reads) if r in buffers),
-                writes=tuple(b for b in writes if b in buffers),
+                reads=tuple(r for r in (_entry(x, switches) for x in reads) if r in buffers),
+                writes=tuple(w for w in (_entry(x, switches) for x in writes) if w in buffers),
             )
     writer = {b: n for n in g for b in g.nodes[n]["writes"]}
     for n in g:
