@@ -98,17 +98,23 @@ def _causal(LOWER: tl.constexpr, UPPER: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _split(x):
+    """x as two bf16 parts, hi + lo, about 16 mantissa bits between them."""
+    hi = x.to(tl.bfloat16)
+    return hi, (x.to(tl.float32) - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
 def _sdot(a, b, SD: tl.constexpr, PREC: tl.constexpr):
     """a @ b for a dot that involves a carried state, with fp32 accumulation. SD = 0 (fp32 runs): fp32
     operands at PREC; 1 (bfloat16 runs): bf16 operands; 2 (float16 runs): a in bf16 and b split into
-    bf16 hi + lo parts (about 16 mantissa bits: fp16 cannot hold a state, one bf16 part is too coarse)."""
+    bf16 hi + lo parts (fp16 cannot hold a state, one bf16 part is too coarse)."""
     if SD == 0:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
     elif SD == 1:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     else:
-        hi = b.to(tl.bfloat16)
-        lo = (b.to(tl.float32) - hi.to(tl.float32)).to(tl.bfloat16)
+        hi, lo = _split(b)
         ab = a.to(tl.bfloat16)
         return tl.dot(ab, hi) + tl.dot(ab, lo)
 
@@ -125,12 +131,9 @@ def _sround(a, SD: tl.constexpr):
 @triton.jit
 def _sdot_a(a, b, SD: tl.constexpr, PREC: tl.constexpr):
     """As _sdot, with the roles swapped for float16 runs: ``a`` is split into bf16 hi + lo, b rounded."""
-    if SD == 0:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
-    elif SD == 1:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    else:
-        hi = a.to(tl.bfloat16)
-        lo = (a.to(tl.float32) - hi.to(tl.float32)).to(tl.bfloat16)
+    if SD == 2:
+        hi, lo = _split(a)
         bb = b.to(tl.bfloat16)
         return tl.dot(hi, bb) + tl.dot(lo, bb)
+    else:
+        return _sdot(a, b, SD, PREC)
