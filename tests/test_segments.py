@@ -52,13 +52,28 @@ def test_segment_length_fills_an_h100_at_the_anchor_shape():
         seg = schedule.segment_chunks(bh, n, cpu)
         programs = bh * -(-n // seg)
         assert programs >= 4 * schedule.H100_SMS, (L, seg, programs)
-        assert seg <= schedule.MAX_SEGMENT_CHUNKS and seg & (seg - 1) == 0
+        assert seg <= schedule.MAX_SEGMENT_CHUNKS
+        # no fewer segments would do: one fewer drops below 4 programs per SM
+        assert bh * (-(-n // seg) - 1) < 4 * schedule.H100_SMS, (L, seg)
 
 
 def test_segment_length_is_one_chunk_when_the_grid_is_small():
     assert schedule.segment_chunks(4, 9, torch.device("cpu")) == 1
     assert schedule.segment_chunks(1, 1, torch.device("cpu")) == 1
-    assert schedule.segment_chunks(10**6, 3, torch.device("cpu")) == 4  # never beyond the sequence
+    assert schedule.segment_chunks(10**6, 3, torch.device("cpu")) == 3  # never beyond the sequence
+    assert schedule.segment_chunks(10**6, 40, torch.device("cpu")) == 14  # at most 16, evened out: 14 + 14 + 12
+
+
+def test_segment_lengths_are_evened_out():
+    """The chosen number of segments, with lengths as even as it allows (the last never much shorter)."""
+    cpu = torch.device("cpu")
+    for bh in (1, 7, 24, 96, 384, 1536):
+        for n in (1, 2, 5, 16, 63, 64, 65, 256, 1000):
+            seg = schedule.segment_chunks(bh, n, cpu)
+            segments = -(-n // seg)
+            assert 1 <= seg <= min(n, schedule.MAX_SEGMENT_CHUNKS)
+            assert seg == -(-n // segments), (bh, n, seg)
+            assert n - (segments - 1) * seg >= 1
 
 
 @pytest.mark.parametrize("name", SPECS)

@@ -16,12 +16,19 @@ def _sm_count(device: torch.device) -> int:
 
 
 def segment_chunks(batch_heads: int, n_chunks: int, device: torch.device) -> int:
-    """Chunks per segment: the largest power of two (at most 16) that still gives every stage-1 and
-    stage-3 launch at least 4 programs per SM (B * H * segments >= 4 * SMs); 1 when nothing does.
+    """Chunks per segment: as many as still give every stage-1 and stage-3 launch at least 4 programs
+    per SM (B * H * segments >= 4 * SMs), at most 16, then evened out over the segments that makes; 1
+    when no length does.
 
-    Fewer chunks per segment means more programs and more per-segment state traffic; more chunks means
-    a longer sequential sweep inside each program.
+    Each segment moves its summaries and carried states through HBM, so the fewest segments that fill
+    the device move the least; at most 16 chunks bounds each program's sequential sweep.
     """
-    per_program = max(1, (batch_heads * n_chunks) // (PROGRAMS_PER_SM * _sm_count(device)))
-    k = 1 << (per_program.bit_length() - 1)
-    return max(1, min(k, MAX_SEGMENT_CHUNKS, 1 << max(0, (n_chunks - 1).bit_length())))
+    need = -(-PROGRAMS_PER_SM * _sm_count(device) // max(1, batch_heads))  # segments per (b, h)
+    n_chunks = max(1, n_chunks)
+    if need <= 1:
+        seg = n_chunks
+    else:  # the longest segment that still cuts n_chunks into `need` segments or more
+        seg = max(1, (n_chunks - 1) // (need - 1))
+    seg = min(seg, MAX_SEGMENT_CHUNKS)
+    segments = -(-n_chunks // seg)
+    return -(-n_chunks // segments)  # the same number of segments, lengths evened out
