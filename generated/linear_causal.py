@@ -33,13 +33,13 @@
 # one forward and two backward launches):
 #   forward: fwd_summary -> _linear_causal_fwd_summary, grid (b, h, segment): per-segment summaries of (K, v'), right to left, and the state entering each chunk from its right
 #       reads k, v; writes kv_summary_left
-#   forward: fwd_scan -> _linear_causal_scan, grid (b, h): the (K, v') states carried into every segment (a short sequential scan over segments)
+#   forward: fwd_scan -> _linear_causal_fwd_scan, grid (b, h): the (K, v') states carried into every segment (a short sequential scan over segments)
 #       reads kv_summary_left; writes kv_carried_left
 #   forward: fwd_output -> _linear_causal_fwd_output, grid (b, h, segment): y (and n) per chunk: intra-chunk attention plus the carried states, left to right
 #       reads q, k, v, kv_carried_left; writes y
 #   backward: bwd_summary -> _linear_causal_bwd_summary, grid (b, h, segment): dO' per row, per-segment summaries of (Q, dO') and the state entering each chunk from its right (no mask: sums of Q dO'^T, and dq from the global state, with Y recomputed instead of read)
-#       reads q, y, dy; writes qd_summary_right, qd_chunk_right
-#   backward: bwd_scan -> _linear_causal_scan, grid (b, h): the (Q, dO') states carried into every segment
+#       reads q, dy; writes qd_summary_right, qd_chunk_right
+#   backward: bwd_scan -> _linear_causal_bwd_scan, grid (b, h): the (Q, dO') states carried into every segment
 #       reads qd_summary_right; writes qd_carried_right
 #   backward: bwd_grads -> _linear_causal_bwd_grads, grid (b, h, segment): dq, dk, dv (through phi') and the gate terms per row, left to right (no mask: dk, dv)
 #       reads q, k, v, dy, kv_carried_left, qd_carried_right, qd_chunk_right; writes dq, dk, dv
@@ -125,13 +125,6 @@ def _feature_backward(x, phi, norm, g):
 
 
 @triton.jit
-def _output_adjoint_dn(n_ptr, dy_ptr, dn_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr):
-    """dO = dY (rows are not normalized)."""
-    dY = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
-    return dY, tl.sum(dY, 1) * 0.0
-
-
-@triton.jit
 def _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr):
     """dO = dY (rows are not normalized)."""
     dY = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
@@ -148,9 +141,8 @@ def _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, 
 #     R_n = sum_{r in s, r >= en_n} exp(G_r - P_en_n) X_r Y'_r^T,  and the summary S^R_s = R at the segment's start
 @triton.jit(do_not_specialize=["L", "SEG", "NS"])
 def _linear_causal_fwd_summary(
-    k_ptr, v_ptr,
-    sl_ptr,
-    L, H, SEG, NS,
+    k_ptr, v_ptr, sl_ptr,
+    L, H, SEG, NS, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
@@ -179,33 +171,26 @@ def _linear_causal_fwd_summary(
     _store_state(sl_ptr, seg, o_k, o_v, DK, DV, sl)
 
 
-# Stage 2 (both passes): one program per (b, h) scans the segment summaries (a short sequential pass;
-# docs/lion_math.md section 3.3 with segments for chunks):
+# Stage 2 of the forward pass: one program per (b, h) scans the segment summaries (a short sequential
+# pass; docs/lion_math.md section 3.3 with segments for chunks):
 #   from the left:  H^L_0 = 0,  H^L_(s+1) = exp(T_s) H^L_s + S^L_s     (H^L_s enters segment s at its start)
-#   from the right: H^R_(NS-1) = 0,  H^R_(s-1) = exp(T_s) H^R_s + S^R_s  (H^R_s enters segment s at its end)
 # (T, S) pairs compose associatively: a tree scan, or an exchange between ranks, gives the same states.
 @triton.jit(do_not_specialize=["NS"])
-def _linear_causal_scan(
-    sl_ptr, hl_ptr, sr_ptr, hr_ptr,
+def _linear_causal_fwd_scan(
+    sl_ptr, hl_ptr,
     NS,
-    LEFT: tl.constexpr, RIGHT: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
-    if LEFT:
-        acc = tl.zeros([BK, BV], tl.float32)
-        for s in range(NS):
-            seg = pid * NS + s
-            _store_state(hl_ptr, seg, o_k, o_v, DK, DV, acc)
-            acc += _load_state(sl_ptr, seg, o_k, o_v, DK, DV)
-    if RIGHT:
-        acc = tl.zeros([BK, BV], tl.float32)
-        for i in range(NS):
-            seg = pid * NS + NS - 1 - i
-            _store_state(hr_ptr, seg, o_k, o_v, DK, DV, acc)
-            acc += _load_state(sr_ptr, seg, o_k, o_v, DK, DV)
+    # from the left
+    acc = tl.zeros([BK, BV], tl.float32)
+    for i in range(NS):
+        seg = pid * NS + i
+        _store_state(hl_ptr, seg, o_k, o_v, DK, DV, acc)
+        acc += _load_state(sl_ptr, seg, o_k, o_v, DK, DV)
+
 
 
 # Stage 3 of the forward pass: one program per (b, h, segment) sweeps the segment's chunks left to right
@@ -218,9 +203,7 @@ def _linear_causal_scan(
 # difference <= 0. States are fp32; their dots take bf16 operands in 16-bit runs (fp32 accumulation).
 @triton.jit(do_not_specialize=["L", "SEG", "NS"])
 def _linear_causal_fwd_output(
-    q_ptr, k_ptr, v_ptr,
-    hl_ptr,
-    y_ptr, n_ptr,
+    q_ptr, k_ptr, v_ptr, hl_ptr, y_ptr,
     L, H, SEG, NS, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
@@ -233,7 +216,7 @@ def _linear_causal_fwd_output(
     o_c = tl.arange(0, C)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
-    dt = v_ptr.dtype.element_ty
+    dt = q_ptr.dtype.element_ty
     N = tl.cdiv(L, C)
     s = tl.program_id(1)  # the segment: chunks [n0, n1)
     n0 = s * SEG
@@ -262,8 +245,7 @@ def _linear_causal_fwd_output(
 #     R_n = sum_{r in s, r >= en_n} exp(G_r - P_en_n) X_r Y'_r^T,  and the summary S^R_s = R at the segment's start
 @triton.jit(do_not_specialize=["L", "SEG", "NS"])
 def _linear_causal_bwd_summary(
-    q_ptr, y_ptr, n_ptr, dy_ptr,
-    sr_ptr, cr_ptr,
+    q_ptr, dy_ptr, sr_ptr, cr_ptr,
     L, H, SEG, NS, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
@@ -288,11 +270,33 @@ def _linear_causal_bwd_summary(
         rows = n * C + o_c
         _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
         Q = Q * scale
-        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+        dO = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
         cidx = pid.to(tl.int64) * N + n
         _store_state(cr_ptr, cidx, o_k, o_v, DK, DV, sr)
         sr += _sdot(tl.trans(Q), dO, SD, PREC)
     _store_state(sr_ptr, seg, o_k, o_v, DK, DV, sr)
+
+
+# Stage 2 of the backward pass: one program per (b, h) scans the segment summaries (a short sequential
+# pass; docs/lion_math.md section 3.3 with segments for chunks):
+#   from the right: H^R_(NS-1) = 0,  H^R_(s-1) = exp(T_s) H^R_s + S^R_s  (H^R_s enters segment s at its end)
+# (T, S) pairs compose associatively: a tree scan, or an exchange between ranks, gives the same states.
+@triton.jit(do_not_specialize=["NS"])
+def _linear_causal_bwd_scan(
+    sr_ptr, hr_ptr,
+    NS,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    # from the right
+    acc = tl.zeros([BK, BV], tl.float32)
+    for i in range(NS):
+        seg = pid * NS + NS - 1 - i
+        _store_state(hr_ptr, seg, o_k, o_v, DK, DV, acc)
+        acc += _load_state(sr_ptr, seg, o_k, o_v, DK, DV)
+
 
 
 # Stage 3 of the backward pass: one program per (b, h, segment) sweeps its chunks left to right
@@ -304,11 +308,7 @@ def _linear_causal_bwd_summary(
 #   queries right: dK, dv += exp(P_en - F_j) [v'_j D_n^T, K_j D_n],  D_n = R'_n + exp(P_b - P_en) D^R  (backward stages 1, 2)
 @triton.jit(do_not_specialize=["L", "SEG", "NS"])
 def _linear_causal_bwd_grads(
-    q_ptr, k_ptr, v_ptr,
-    n_ptr, dy_ptr,
-    hl_ptr,
-    qr_ptr, cq_ptr,
-    dq_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, dy_ptr, hl_ptr, qr_ptr, cq_ptr, dq_ptr, dk_ptr, dv_ptr,
     L, H, SEG, NS, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
@@ -335,7 +335,7 @@ def _linear_causal_bwd_grads(
         Q = phq * scale
         xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        dO, dn = _output_adjoint_dn(n_ptr, dy_ptr, n_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
+        dO = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
         # no mask: no potentials
         cidx = pid.to(tl.int64) * N + n
         to_end = 1.0
@@ -546,7 +546,8 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Te
 
 
 class _Schedule:
-    """Sizes of the sequence-parallel chunk form: chunks, segments of SEG chunks, the states' dtype."""
+    """Sizes of the sequence-parallel chunk form: chunks, segments of SEG chunks, the states' dtype, and
+    the buffers that pass between its launches."""
 
     def __init__(self, q: torch.Tensor, shape, st) -> None:
         self.B, self.L, self.H = shape.batch, shape.length, shape.heads
@@ -561,6 +562,8 @@ class _Schedule:
         self.sdt = torch.bfloat16 if self.SD == 1 else torch.float32
         self.device = q.device
         self.dk, self.dv = shape.dk, shape.dv
+        self.segments = (self.BH, self.NS)  # grid of the per-segment launches
+        self.heads = (self.BH,)  # grid of the scans
 
     def states(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``count`` (Dk, Dv) states per (b, h) in the state dtype, and their fp32 (Dk,) normalizer columns."""
@@ -568,88 +571,51 @@ class _Schedule:
         z = torch.empty(self.BH, count, self.dk, dtype=torch.float32, device=self.device)
         return kv, z
 
-    def consts(self, st) -> dict:
-        return dict(DK=self.dk, DV=self.dv, BK=st.block_k, BV=st.block_v)
+    def numbers(self, count: int) -> torch.Tensor:
+        """``count`` fp32 numbers per (b, h): per chunk or per segment."""
+        return torch.empty(self.BH, count, dtype=torch.float32, device=self.device)
 
-    def dots(self, st) -> dict:
-        """The tile constexprs and the warps of the sweeping kernels (8: their fp32 tiles spill with 4)."""
-        return dict(C=st.chunk, PREC=st.precision, SD=self.SD, num_warps=8)
+    def rows(self) -> torch.Tensor:
+        """One fp32 number per row, (B, L, H)."""
+        return torch.empty(self.B, self.L, self.H, dtype=torch.float32, device=self.device)
+
+    def sweep(self, st) -> dict:
+        """The arguments of the sweeping kernels besides their buffers (8 warps: their fp32 tiles spill with 4)."""
+        return dict(
+            L=self.L, H=self.H, SEG=self.SEG, NS=self.NS, DK=self.dk, DV=self.dv, BK=st.block_k, BV=st.block_v,
+            C=st.chunk, PREC=st.precision, SD=self.SD, num_warps=8,
+        )
 
 
 def _chunk_forward(q, k, v, gate, shape, st):
     sc = _Schedule(q, shape, st)
-    B, L, H = shape.batch, shape.length, shape.heads
-    consts = sc.consts(st)
-    seq = dict(L=L, H=H, SEG=sc.SEG, NS=sc.NS)
-    grid = (sc.BH, sc.NS)
-    gates = ()
-    T = to_end = None
-    # stage 1: per-segment summaries (and, right to left, the state entering each chunk from its right)
-    sl, slz = sc.states(sc.NS)
-    cr = crz = None
-    launch(
-        _linear_causal_fwd_summary, grid, k, v, *gates,
-        sl,
-        **seq, **consts, **sc.dots(st),
-    )
-    # stage 2: the states carried into every segment
-    hl, hlz = sc.states(sc.NS)
-    hr, hrz = hl, hlz  # unused
-    launch(
-        _linear_causal_scan, (sc.BH,),
-        sl, hl,
-        sl, hr,
-        sc.NS, LEFT=True, RIGHT=False, **consts,
-    )
-    # stage 3: the outputs
+    # fwd_summary: per-segment summaries of (K, v'), right to left, and the state entering each chunk from its right
+    kv_summary_left, kv_summary_left_z = sc.states(sc.NS)
+    launch(_linear_causal_fwd_summary, sc.segments, k, v, kv_summary_left, **sc.sweep(st), scale=_scale(shape.dk), eps=EPS)
+    # fwd_scan: the (K, v') states carried into every segment (a short sequential scan over segments)
+    kv_carried_left, kv_carried_left_z = sc.states(sc.NS)
+    launch(_linear_causal_fwd_scan, sc.heads, kv_summary_left, kv_carried_left, NS=sc.NS, DK=sc.dk, DV=sc.dv, BK=st.block_k, BV=st.block_v)
+    # fwd_output: y (and n) per chunk: intra-chunk attention plus the carried states, left to right
     y = torch.empty_like(v)
-    n = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
-    launch(
-        _linear_causal_fwd_output, grid, q, k, v,
-        hl,
-        y, n, **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
-    )
-    return y, n, (T, to_end, hl, hlz, hr, hrz, cr, crz)  # what the backward pass reuses
+    launch(_linear_causal_fwd_output, sc.segments, q, k, v, kv_carried_left, y, **sc.sweep(st), scale=_scale(shape.dk), eps=EPS)
+    return y, None, (kv_carried_left,)  # what the backward pass reuses
 
 
 def _chunk_backward(q, k, v, gate, y, n, dy, saved, shape, st):
     sc = _Schedule(q, shape, st)
-    L, H = sc.L, sc.H
-    T, to_end, hl, hlz, hr, hrz, cr, crz = saved
-    consts = sc.consts(st)
-    seq = dict(L=L, H=H, SEG=sc.SEG, NS=sc.NS)
-    grid = (sc.BH, sc.NS)
-    gates = ()
+    kv_carried_left, = saved
+    # bwd_summary: dO' per row, per-segment summaries of (Q, dO') and the state entering each chunk from its right (no mask: sums of Q dO'^T, and dq from the global state, with Y recomputed instead of read)
+    qd_summary_right, qd_summary_right_z = sc.states(sc.NS)
+    qd_chunk_right, qd_chunk_right_z = sc.states(sc.N)
+    launch(_linear_causal_bwd_summary, sc.segments, q, dy, qd_summary_right, qd_chunk_right, **sc.sweep(st), scale=_scale(shape.dk), eps=EPS)
+    # bwd_scan: the (Q, dO') states carried into every segment
+    qd_carried_right, qd_carried_right_z = sc.states(sc.NS)
+    launch(_linear_causal_bwd_scan, sc.heads, qd_summary_right, qd_carried_right, NS=sc.NS, DK=sc.dk, DV=sc.dv, BK=st.block_k, BV=st.block_v)
+    # bwd_grads: dq, dk, dv (through phi') and the gate terms per row, left to right (no mask: dk, dv)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    # stage 1: per-segment summaries of (Q, dO') (and, right to left, the state entering each chunk from its right)
-    bl, blz = sc.states(sc.NS)
-    br, brz = sc.states(sc.NS)
-    cq, cqz = sc.states(sc.N)
-    launch(
-        _linear_causal_bwd_summary, grid, q, y, n, dy, *gates,
-        br, cq,
-        **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
-    )
-    # stage 2: the (Q, dO') states carried into every segment
-    ql, qlz = sc.states(sc.NS)
-    qr, qrz = sc.states(sc.NS)
-    launch(
-        _linear_causal_scan, (sc.BH,),
-        bl, ql,
-        br, qr,
-        sc.NS, LEFT=False, RIGHT=True, **consts,
-    )
-    # stage 3: dq, dk, dv
-    launch(
-        _linear_causal_bwd_grads, grid, q, k, v,
-        n, dy,
-        hl,
-        qr, cq,
-        dq, dk, dv,
-        **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
-    )
+    launch(_linear_causal_bwd_grads, sc.segments, q, k, v, dy, kv_carried_left, qd_carried_right, qd_chunk_right, dq, dk, dv, **sc.sweep(st), scale=_scale(shape.dk), eps=EPS)
     return dq, dk, dv, None
 
 
@@ -661,7 +627,7 @@ def _parallel_forward(q, k, v, gate, shape, st):
         _linear_causal_parallel_fwd,
         (B * H, triton.cdiv(L, st.chunk)),
         q, k, v,
-        y, n, L, H, _scale(shape.dk), EPS,
+        y, n, L=L, H=H, scale=_scale(shape.dk), eps=EPS,
         DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision, num_warps=8,
     )
     return y, n, ()

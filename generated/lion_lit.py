@@ -35,13 +35,13 @@
 # one forward and two backward launches):
 #   forward: fwd_summary -> _lion_lit_fwd_summary, grid (b, h, segment): per-segment summaries of (K, v'), right to left, and the state entering each chunk from its right
 #       reads k, v; writes kv_summary_left
-#   forward: fwd_scan -> _lion_lit_scan, grid (b, h): the (K, v') states carried into every segment (a short sequential scan over segments)
+#   forward: fwd_scan -> _lion_lit_fwd_scan, grid (b, h): the (K, v') states carried into every segment (a short sequential scan over segments)
 #       reads kv_summary_left; writes kv_carried_left
 #   forward: fwd_output -> _lion_lit_fwd_output, grid (b, h, segment): y (and n) per chunk: intra-chunk attention plus the carried states, left to right
-#       reads q, kv_carried_left; writes y, n
+#       reads q, kv_carried_left; writes y
 #   backward: bwd_summary -> _lion_lit_bwd_summary, grid (b, h, segment): dO' per row, per-segment summaries of (Q, dO') and the state entering each chunk from its right (no mask: sums of Q dO'^T, and dq from the global state, with Y recomputed instead of read)
-#       reads q, n, dy, kv_carried_left; writes qd_summary_left, dq
-#   backward: bwd_scan -> _lion_lit_scan, grid (b, h): the (Q, dO') states carried into every segment
+#       reads q, dy, kv_carried_left; writes qd_summary_left, dq
+#   backward: bwd_scan -> _lion_lit_bwd_scan, grid (b, h): the (Q, dO') states carried into every segment
 #       reads qd_summary_left; writes qd_carried_left
 #   backward: bwd_grads -> _lion_lit_bwd_grads, grid (b, h, segment): dq, dk, dv (through phi') and the gate terms per row, left to right (no mask: dk, dv)
 #       reads k, v, qd_carried_left; writes dk, dv
@@ -149,9 +149,8 @@ def _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, 
 #   S_s = sum_{r in s} X_r Y'_r^T                                  (no mask: a plain sum)
 @triton.jit(do_not_specialize=["L", "SEG", "NS"])
 def _lion_lit_fwd_summary(
-    k_ptr, v_ptr,
-    sl_ptr, slz_ptr,
-    L, H, SEG, NS,
+    k_ptr, v_ptr, sl_ptr, slz_ptr,
+    L, H, SEG, NS, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
@@ -183,13 +182,12 @@ def _lion_lit_fwd_summary(
     _store_vec(slz_ptr, seg, o_k, DK, slz)
 
 
-# Stage 2 (both passes), no mask: one program per (b, h) sums the segments' summaries, H = sum_s S_s
+# Stage 2 of the forward pass, no mask: one program per (b, h) sums the segments' summaries, H = sum_s S_s
 # (docs/lion_math.md section 3.3, LIT case).
 @triton.jit(do_not_specialize=["NS"])
-def _lion_lit_scan(
-    sl_ptr, slz_ptr, hl_ptr, hlz_ptr, sr_ptr, srz_ptr, hr_ptr, hrz_ptr,
+def _lion_lit_fwd_scan(
+    sl_ptr, slz_ptr, hl_ptr, hlz_ptr,
     NS,
-    LEFT: tl.constexpr, RIGHT: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -208,9 +206,7 @@ def _lion_lit_scan(
 #   y_i = Q_i S / (Q_i . z + eps),   S = sum_j K_j v_j^T, z = sum_j K_j over the whole sequence (from stage 2)
 @triton.jit(do_not_specialize=["L", "SEG", "NS"])
 def _lion_lit_fwd_output(
-    q_ptr, v_ptr,
-    hl_ptr, hlz_ptr,
-    y_ptr, n_ptr,
+    q_ptr, hl_ptr, hlz_ptr, y_ptr,
     L, H, SEG, NS, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
@@ -223,7 +219,7 @@ def _lion_lit_fwd_output(
     o_c = tl.arange(0, C)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
-    dt = v_ptr.dtype.element_ty
+    dt = q_ptr.dtype.element_ty
     N = tl.cdiv(L, C)
     s = tl.program_id(1)  # the segment: chunks [n0, n1)
     n0 = s * SEG
@@ -236,8 +232,7 @@ def _lion_lit_fwd_output(
         _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
         Q = _sround(Q * scale, SD)  # rounded as the state dot rounds it, so that den matches num
         y = _sdot(Q, S, SD, PREC)
-        den = tl.sum(Q * z[None, :], 1)
-        tl.store(n_ptr + n_base + rows * H, den, mask=rows < L)
+        den = tl.sum(Q * z[None, :], 1)  # not stored: the backward recomputes it from z
         y = y * (1.0 / (den + eps))[:, None]
         _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, y)
 
@@ -247,12 +242,11 @@ def _lion_lit_fwd_output(
 # Rows are (X, Y') = (Q_i, dO'_i), dO' = [dY/(n + eps), dn],  dn = -(dY . Y)/(n + eps) (written for stage 3).
 #   S_s = sum_{r in s} X_r Y'_r^T                                  (no mask: a plain sum)
 # and, with the forward's global state S, z (docs/lion_math.md section 4.2, M = 1):
-#   Y_i = (Q_i S) / (n_i + eps) recomputed (y is not read),  dn_i = -(dY_i . Y_i) / (n_i + eps)
+#   Y_i = (Q_i S) / (n_i + eps), n_i = Q_i . z, recomputed (neither y nor n is read),  dn_i = -(dY_i . Y_i) / (n_i + eps)
 #   dq = phi'(q)^T (scale dQ),  dQ_i = dO_i S^T + dn_i z
 @triton.jit(do_not_specialize=["L", "SEG", "NS"])
 def _lion_lit_bwd_summary(
-    q_ptr, n_ptr, dy_ptr, hl_ptr, hlz_ptr, dq_ptr,
-    sl_ptr, slz_ptr,
+    q_ptr, dy_ptr, hl_ptr, hlz_ptr, sl_ptr, slz_ptr, dq_ptr,
     L, H, SEG, NS, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
@@ -282,8 +276,9 @@ def _lion_lit_bwd_summary(
         xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
         Q = phq * scale
         dO = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
-        r = 1.0 / (tl.load(n_ptr + n_base + rows * H, mask=rows < L, other=1.0) + eps)
-        Y = _sdot(_sround(Q, SD), S, SD, PREC) * r[:, None]  # as the forward computed it, before rounding
+        Qs = _sround(Q, SD)
+        r = 1.0 / (tl.sum(Qs * z[None, :], 1) + eps)  # n_i = Q_i . z, as the forward computed it
+        Y = _sdot(Qs, S, SD, PREC) * r[:, None]  # as the forward computed it, before rounding
         dn = -tl.sum(dO * Y, 1) * r
         dO = dO * r[:, None]
         dQ = _sdot(dO, St, SD, PREC) + dn[:, None] * z[None, :]
@@ -295,16 +290,34 @@ def _lion_lit_bwd_summary(
     _store_vec(slz_ptr, seg, o_k, DK, slz)
 
 
+# Stage 2 of the backward pass, no mask: one program per (b, h) sums the segments' summaries, H = sum_s S_s
+# (docs/lion_math.md section 3.3, LIT case).
+@triton.jit(do_not_specialize=["NS"])
+def _lion_lit_bwd_scan(
+    sl_ptr, slz_ptr, hl_ptr, hlz_ptr,
+    NS,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    acc = tl.zeros([BK, BV], tl.float32)
+    accz = tl.zeros([BK], tl.float32)
+    for s in range(NS):
+        acc += _load_state(sl_ptr, pid * NS + s, o_k, o_v, DK, DV)
+        accz += _load_vec(slz_ptr, pid * NS + s, o_k, DK)
+    _store_state(hl_ptr, pid, o_k, o_v, DK, DV, acc)
+    _store_vec(hlz_ptr, pid, o_k, DK, accz)
+
+
 # Stage 3 of the backward pass, no mask: one program per (b, h, segment); docs/lion_math.md section 4.2, M = 1
 # (dq came from stage 1):
 #   dK_j = v_j D^T + e,   dv_j = K_j D,   dk = phi'(k)^T dK
 #   D = sum_i Q_i dO_i^T, e = sum_i Q_i dn_i (backward stage 2)
 @triton.jit(do_not_specialize=["L", "SEG", "NS"])
 def _lion_lit_bwd_grads(
-    k_ptr, v_ptr,
-    ql_ptr, qlz_ptr,
-    dk_ptr, dv_ptr,
-    L, H, SEG, NS,
+    k_ptr, v_ptr, ql_ptr, qlz_ptr, dk_ptr, dv_ptr,
+    L, H, SEG, NS, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
@@ -549,7 +562,8 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Te
 
 
 class _Schedule:
-    """Sizes of the sequence-parallel chunk form: chunks, segments of SEG chunks, the states' dtype."""
+    """Sizes of the sequence-parallel chunk form: chunks, segments of SEG chunks, the states' dtype, and
+    the buffers that pass between its launches."""
 
     def __init__(self, q: torch.Tensor, shape, st) -> None:
         self.B, self.L, self.H = shape.batch, shape.length, shape.heads
@@ -564,6 +578,8 @@ class _Schedule:
         self.sdt = torch.bfloat16 if self.SD == 1 else torch.float32
         self.device = q.device
         self.dk, self.dv = shape.dk, shape.dv
+        self.segments = (self.BH, self.NS)  # grid of the per-segment launches
+        self.heads = (self.BH,)  # grid of the scans
 
     def states(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``count`` (Dk, Dv) states per (b, h) in the state dtype, and their fp32 (Dk,) normalizer columns."""
@@ -571,81 +587,50 @@ class _Schedule:
         z = torch.empty(self.BH, count, self.dk, dtype=torch.float32, device=self.device)
         return kv, z
 
-    def consts(self, st) -> dict:
-        return dict(DK=self.dk, DV=self.dv, BK=st.block_k, BV=st.block_v)
+    def numbers(self, count: int) -> torch.Tensor:
+        """``count`` fp32 numbers per (b, h): per chunk or per segment."""
+        return torch.empty(self.BH, count, dtype=torch.float32, device=self.device)
 
-    def dots(self, st) -> dict:
-        """The tile constexprs and the warps of the sweeping kernels (8: their fp32 tiles spill with 4)."""
-        return dict(C=st.chunk, PREC=st.precision, SD=self.SD, num_warps=8)
+    def rows(self) -> torch.Tensor:
+        """One fp32 number per row, (B, L, H)."""
+        return torch.empty(self.B, self.L, self.H, dtype=torch.float32, device=self.device)
+
+    def sweep(self, st) -> dict:
+        """The arguments of the sweeping kernels besides their buffers (8 warps: their fp32 tiles spill with 4)."""
+        return dict(
+            L=self.L, H=self.H, SEG=self.SEG, NS=self.NS, DK=self.dk, DV=self.dv, BK=st.block_k, BV=st.block_v,
+            C=st.chunk, PREC=st.precision, SD=self.SD, num_warps=8,
+        )
 
 
 def _chunk_forward(q, k, v, gate, shape, st):
     sc = _Schedule(q, shape, st)
-    B, L, H = shape.batch, shape.length, shape.heads
-    consts = sc.consts(st)
-    seq = dict(L=L, H=H, SEG=sc.SEG, NS=sc.NS)
-    grid = (sc.BH, sc.NS)
-    gates = ()
-    T = to_end = None
-    # stage 1: per-segment summaries (and, right to left, the state entering each chunk from its right)
-    sl, slz = sc.states(sc.NS)
-    cr = crz = None
-    launch(
-        _lion_lit_fwd_summary, grid, k, v, *gates,
-        sl, slz,
-        **seq, **consts, **sc.dots(st),
-    )
-    # stage 2: the states carried into every segment
-    hl, hlz = sc.states(1)
-    hr, hrz = hl, hlz  # unused
-    launch(
-        _lion_lit_scan, (sc.BH,),
-        sl, slz, hl, hlz,
-        sl, slz, hr, hrz,
-        sc.NS, LEFT=True, RIGHT=False, **consts,
-    )
-    # stage 3: the outputs
+    # fwd_summary: per-segment summaries of (K, v'), right to left, and the state entering each chunk from its right
+    kv_summary_left, kv_summary_left_z = sc.states(sc.NS)
+    launch(_lion_lit_fwd_summary, sc.segments, k, v, kv_summary_left, kv_summary_left_z, **sc.sweep(st), scale=_scale(shape.dk), eps=EPS)
+    # fwd_scan: the (K, v') states carried into every segment (a short sequential scan over segments)
+    kv_carried_left, kv_carried_left_z = sc.states(1)
+    launch(_lion_lit_fwd_scan, sc.heads, kv_summary_left, kv_summary_left_z, kv_carried_left, kv_carried_left_z, NS=sc.NS, DK=sc.dk, DV=sc.dv, BK=st.block_k, BV=st.block_v)
+    # fwd_output: y (and n) per chunk: intra-chunk attention plus the carried states, left to right
     y = torch.empty_like(v)
-    n = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
-    launch(
-        _lion_lit_fwd_output, grid, q, v,
-        hl, hlz,
-        y, n, **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
-    )
-    return y, n, (T, to_end, hl, hlz, hr, hrz, cr, crz)  # what the backward pass reuses
+    launch(_lion_lit_fwd_output, sc.segments, q, kv_carried_left, kv_carried_left_z, y, **sc.sweep(st), scale=_scale(shape.dk), eps=EPS)
+    return y, None, (kv_carried_left, kv_carried_left_z)  # what the backward pass reuses
 
 
 def _chunk_backward(q, k, v, gate, y, n, dy, saved, shape, st):
     sc = _Schedule(q, shape, st)
-    L, H = sc.L, sc.H
-    T, to_end, hl, hlz, hr, hrz, cr, crz = saved
-    consts = sc.consts(st)
-    seq = dict(L=L, H=H, SEG=sc.SEG, NS=sc.NS)
-    grid = (sc.BH, sc.NS)
-    gates = ()
+    kv_carried_left, kv_carried_left_z = saved
+    # bwd_summary: dO' per row, per-segment summaries of (Q, dO') and the state entering each chunk from its right (no mask: sums of Q dO'^T, and dq from the global state, with Y recomputed instead of read)
+    qd_summary_left, qd_summary_left_z = sc.states(sc.NS)
     dq = torch.empty_like(q)
+    launch(_lion_lit_bwd_summary, sc.segments, q, dy, kv_carried_left, kv_carried_left_z, qd_summary_left, qd_summary_left_z, dq, **sc.sweep(st), scale=_scale(shape.dk), eps=EPS)
+    # bwd_scan: the (Q, dO') states carried into every segment
+    qd_carried_left, qd_carried_left_z = sc.states(1)
+    launch(_lion_lit_bwd_scan, sc.heads, qd_summary_left, qd_summary_left_z, qd_carried_left, qd_carried_left_z, NS=sc.NS, DK=sc.dk, DV=sc.dv, BK=st.block_k, BV=st.block_v)
+    # bwd_grads: dq, dk, dv (through phi') and the gate terms per row, left to right (no mask: dk, dv)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    # stage 1: per-segment sums of Q dO'^T, and dq from the forward's global state
-    bl, blz = sc.states(sc.NS)
-    launch(
-        _lion_lit_bwd_summary, grid, q, n, dy, hl, hlz, dq,
-        bl, blz,
-        **seq, scale=_scale(shape.dk), eps=EPS, **consts, **sc.dots(st),
-    )
-    # stage 2: the (Q, dO') states carried into every segment
-    ql, qlz = sc.states(1)
-    launch(
-        _lion_lit_scan, (sc.BH,),
-        bl, blz, ql, qlz,
-        bl, blz, ql, qlz,
-        sc.NS, LEFT=True, RIGHT=False, **consts,
-    )
-    # stage 3: dk, dv
-    launch(
-        _lion_lit_bwd_grads, grid, k, v, ql, qlz, dk, dv,
-        **seq, **consts, **sc.dots(st),
-    )
+    launch(_lion_lit_bwd_grads, sc.segments, k, v, qd_carried_left, qd_carried_left_z, dk, dv, **sc.sweep(st), scale=_scale(shape.dk), eps=EPS)
     return dq, dk, dv, None
 
 
@@ -657,7 +642,7 @@ def _parallel_forward(q, k, v, gate, shape, st):
         _lion_lit_parallel_fwd,
         (B * H, triton.cdiv(L, st.chunk)),
         q, k, v,
-        y, n, L, H, _scale(shape.dk), EPS,
+        y, n, L=L, H=H, scale=_scale(shape.dk), eps=EPS,
         DK=shape.dk, DV=shape.dv, BK=st.block_k, BV=st.block_v, C=st.chunk, PREC=st.precision, num_warps=8,
     )
     return y, n, ()

@@ -284,7 +284,38 @@ def _context(p: Plan) -> dict[str, object]:
         "log_decay_grad_torch": render_elementwise(p.log_decay_grad, th) if p.log_decay_grad else None,
         "scale_py": PythonPrinter().doprint(p.scale),
         "stages": [(n, p.stages.nodes[n]) for n in p.launch_order()],
+        "params": lambda stage: ", ".join(_kernel_args(p, stage, kernel=True)),
+        "call": lambda stage: ", ".join(_kernel_args(p, stage, kernel=False)),
+        "saved": _saved(p),
     }
+
+
+def _expand(p: Plan, role: str, buffer: str, kind: str, kernel: bool) -> list[str]:
+    """One buffer as kernel parameters (kernel=True) or as the host expressions a launch passes."""
+    if kind == "gate":
+        return ["g_ptr", "G_ROWED", "G_STRIDE"] if kernel else ["*gate_args"]
+    names = [f"{role}_ptr"] if kernel else [buffer]
+    if kind == "state" and p.normalize_rows:  # the state's fp32 normalizer column
+        names.append(f"{role}z_ptr" if kernel else f"{buffer}_z")
+    return names
+
+
+def _kernel_args(p: Plan, stage: str, kernel: bool) -> list[str]:
+    """A stage's pointer arguments, from the stage graph: the kernel's parameters or the launch's values.
+    Both come from this one list, so a kernel and its launch cannot disagree."""
+    return [n for role, buf, kind in p.stages.nodes[stage]["args"] for n in _expand(p, role, buf, kind, kernel)]
+
+
+def _saved(p: Plan) -> list[str]:
+    """Host names of the buffers the forward pass writes and the backward pass reads (y and n aside)."""
+    g = p.stages
+    written = {b: g.nodes[n]["args"] for n in p.launch_order("forward") for b in g.nodes[n]["writes"]}
+    read = {b for n in p.launch_order("backward") for b in g.nodes[n]["reads"]}
+    out: list[str] = []
+    for b in sorted(set(written) & read - {"y", "n"}):
+        kind = next(k for _, buf, k in written[b] if buf == b)
+        out += _expand(p, b, b, kind, kernel=False)
+    return out
 
 
 def _check_names(text: str, p: Plan, source: str) -> None:

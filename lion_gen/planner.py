@@ -201,7 +201,11 @@ def derive_l2_adjoint() -> sp.Expr:
 # buffers it reads and writes, and when a spec needs it. Buffers exist under conditions too; a stage
 # reads and writes only the buffers its spec has. Edges run from the stage that writes a buffer to
 # the stages that read it, so the graph is the schedule: its topological order is the launch order.
+# A stage's reads and writes, in order, are also its kernel's pointer arguments (codegen renders the
+# kernel's signature and its launch from that one list): "role=buffer" binds a buffer to the name the
+# template calls it by (role_ptr), a bare name is its own role.
 Switches = dict[str, bool]
+Entry = str | tuple[str, Callable[[Switches], bool]]
 
 
 def _always(s: Switches) -> bool:
@@ -220,42 +224,66 @@ def _two_way(s: Switches) -> bool:  # states flow in from both sides
     return s["bidir"] and not s["global"]
 
 
-BUFFERS: dict[str, tuple[str, Callable[[Switches], bool]]] = {
+def _gated(s: Switches) -> bool:
+    return s["gated"]
+
+
+# Buffer kinds: "rows", a (B, L, H, ...) tensor; "state", (Dk, Dv) states in the state dtype with their
+# fp32 (Dk,) normalizer columns "z" (kernel arguments role_ptr and rolez_ptr); "gate", the raw gate
+# (g_ptr, G_ROWED: whether its offset has a per-row part, G_STRIDE: its row stride); "numbers", fp32
+# numbers per row, chunk or segment.
+BUFFERS: dict[str, tuple[str, str, Callable[[Switches], bool]]] = {
     # inputs of the op (written by no stage)
-    "q": ("queries (B, L, H, Dk)", _always),
-    "k": ("keys (B, L, H, Dk)", _always),
-    "v": ("values (B, L, H, Dv)", _always),
-    "gate": ("raw gates", lambda s: s["gated"]),
-    "dy": ("the output's gradient (B, L, H, Dv)", _always),
+    "q": ("queries (B, L, H, Dk)", "rows", _always),
+    "k": ("keys (B, L, H, Dk)", "rows", _always),
+    "v": ("values (B, L, H, Dv)", "rows", _always),
+    "gate": ("raw gates", "gate", _gated),
+    "dy": ("the output's gradient (B, L, H, Dv)", "rows", _always),
     # forward
-    "seg_decay": ("T_s: each segment's total log-decay", lambda s: s["gated"]),
-    "to_end": ("P_b - P_en: log-decay from each chunk's end to its segment's end", lambda s: s["gated"]),
-    "kv_summary_left": ("per segment: sum exp(P_b - F_j) K_j v'_j^T", _always),
-    "kv_summary_right": ("per segment: sum exp(G_j - P_a) K_j v'_j^T", _two_way),
-    "kv_chunk_right": ("per chunk: the (K, v') state entering it from the right, within its segment", _two_way),
-    "kv_carried_left": ("per segment: the (K, v') state carried in from the left (no mask: the total)", _always),
-    "kv_carried_right": ("per segment: the (K, v') state carried in from the right", _two_way),
-    "y": ("the output (B, L, H, Dv)", _always),
-    "n": ("row sums n_i (B, L, H)", lambda s: s["normalize"]),
+    "seg_decay": ("T_s: each segment's total log-decay", "numbers", _gated),
+    "to_end": ("P_b - P_en: log-decay from each chunk's end to its segment's end", "numbers", _gated),
+    "kv_summary_left": ("per segment: sum exp(P_b - F_j) K_j v'_j^T", "state", _always),
+    "kv_summary_right": ("per segment: sum exp(G_j - P_a) K_j v'_j^T", "state", _two_way),
+    "kv_chunk_right": (
+        "per chunk: the (K, v') state entering it from the right, within its segment",
+        "state",
+        _two_way,
+    ),
+    "kv_carried_left": (
+        "per segment: the (K, v') state carried in from the left (no mask: the total)",
+        "state",
+        _always,
+    ),
+    "kv_carried_right": ("per segment: the (K, v') state carried in from the right", "state", _two_way),
+    "y": ("the output (B, L, H, Dv)", "rows", _always),
+    # no mask: n_i = Q_i . z is recomputed from the global z where it is needed, not stored
+    "n": ("row sums n_i (B, L, H)", "numbers", lambda s: s["normalize"] and not s["global"]),
     # backward
-    "dn": ("-(dY . Y) / (n + eps) per row", lambda s: s["normalize"] and not s["global"]),
-    "qd_summary_left": ("per segment: sum exp(P_b - G_i) Q_i dO'_i^T", lambda s: s["bidir"] or s["global"]),
-    "qd_summary_right": ("per segment: sum exp(F_i - P_a) Q_i dO'_i^T", _local),
-    "qd_chunk_right": ("per chunk: the (Q, dO') state entering it from the right, within its segment", _local),
+    "dn": ("-(dY . Y) / (n + eps) per row", "numbers", lambda s: s["normalize"] and not s["global"]),
+    "qd_summary_left": ("per segment: sum exp(P_b - G_i) Q_i dO'_i^T", "state", lambda s: s["bidir"] or s["global"]),
+    "qd_summary_right": ("per segment: sum exp(F_i - P_a) Q_i dO'_i^T", "state", _local),
+    "qd_chunk_right": ("per chunk: the (Q, dO') state entering it from the right, within its segment", "state", _local),
     "qd_carried_left": (
         "per segment: the (Q, dO') state carried in from the left (no mask: the total)",
+        "state",
         lambda s: s["bidir"] or s["global"],
     ),
-    "qd_carried_right": ("per segment: the (Q, dO') state carried in from the right", _local),
-    "dq": ("dq (B, L, H, Dk)", _always),
-    "dk": ("dk (B, L, H, Dk)", _always),
-    "dv": ("dv (B, L, H, Dv)", _always),
-    "gate_terms": ("dF (and dG) per row, and their sums per segment", lambda s: s["gated"]),
-    "dgate": ("the gate's gradient", lambda s: s["gated"]),
+    "qd_carried_right": ("per segment: the (Q, dO') state carried in from the right", "state", _local),
+    "dq": ("dq (B, L, H, Dk)", "rows", _always),
+    "dk": ("dk (B, L, H, Dk)", "rows", _always),
+    "dv": ("dv (B, L, H, Dv)", "rows", _always),
+    "dF": ("gate terms dF per row", "numbers", _gated),
+    "dF_sums": ("per segment: the sum of dF", "numbers", _gated),
+    "dG": ("gate terms dG per row", "numbers", lambda s: s["gated"] and s["bidir"]),
+    "dG_sums": ("per segment: the sum of dG", "numbers", lambda s: s["gated"] and s["bidir"]),
+    "dgate": (
+        "the gate's gradient (fixed decay: per (b, h, segment) partial sums, summed on the host)",
+        "numbers",
+        _gated,
+    ),
 }
 
-# (stage, pass, template, function, grid, what it computes, reads, writes, condition); a read or a write
-# may carry its own condition, as (buffer, condition).
+# (stage, pass, template, function, grid, what it computes, reads, writes, condition)
 STAGES: tuple[tuple[Any, ...], ...] = (
     (
         "fwd_summary",
@@ -264,19 +292,19 @@ STAGES: tuple[tuple[Any, ...], ...] = (
         "fwd_summary",
         "(b, h, segment)",
         "per-segment summaries of (K, v'), right to left, and the state entering each chunk from its right",
-        ("k", "v", "gate"),
-        ("seg_decay", "to_end", "kv_summary_left", "kv_summary_right", "kv_chunk_right"),
+        ("k", "v", "g=gate"),
+        ("t=seg_decay", "rs=to_end", "sl=kv_summary_left", "sr=kv_summary_right", "cr=kv_chunk_right"),
         _always,
     ),
     (
         "fwd_scan",
         "forward",
         "scan",
-        "scan",
+        "fwd_scan",
         "(b, h)",
         "the (K, v') states carried into every segment (a short sequential scan over segments)",
-        ("seg_decay", "kv_summary_left", "kv_summary_right"),
-        ("kv_carried_left", "kv_carried_right"),
+        ("t=seg_decay", "sl=kv_summary_left", "sr=kv_summary_right"),
+        ("hl=kv_carried_left", "hr=kv_carried_right"),
         _always,
     ),
     (
@@ -290,11 +318,11 @@ STAGES: tuple[tuple[Any, ...], ...] = (
             "q",
             ("k", _local),
             ("v", _local),
-            "gate",
-            ("to_end", _two_way),
-            "kv_carried_left",
-            "kv_carried_right",
-            "kv_chunk_right",
+            "g=gate",
+            ("rs=to_end", _two_way),
+            "hl=kv_carried_left",
+            "hr=kv_carried_right",
+            "cr=kv_chunk_right",
         ),
         ("y", "n"),
         _always,
@@ -307,19 +335,26 @@ STAGES: tuple[tuple[Any, ...], ...] = (
         "(b, h, segment)",
         "dO' per row, per-segment summaries of (Q, dO') and the state entering each chunk from its right "
         "(no mask: sums of Q dO'^T, and dq from the global state, with Y recomputed instead of read)",
-        ("q", ("y", _local), "n", "dy", "gate", ("kv_carried_left", _global)),
-        ("dn", "qd_summary_left", "qd_summary_right", "qd_chunk_right", ("dq", _global)),
+        (
+            "q",
+            ("y", lambda s: s["normalize"] and not s["global"]),
+            "n",
+            "dy",
+            "g=gate",
+            ("hl=kv_carried_left", _global),
+        ),
+        ("dn", "sl=qd_summary_left", "sr=qd_summary_right", "cr=qd_chunk_right", ("dq", _global)),
         _always,
     ),
     (
         "bwd_scan",
         "backward",
         "scan",
-        "scan",
+        "bwd_scan",
         "(b, h)",
         "the (Q, dO') states carried into every segment",
-        ("seg_decay", "qd_summary_left", "qd_summary_right"),
-        ("qd_carried_left", "qd_carried_right"),
+        ("t=seg_decay", "sl=qd_summary_left", "sr=qd_summary_right"),
+        ("hl=qd_carried_left", "hr=qd_carried_right"),
         _always,
     ),
     (
@@ -333,19 +368,19 @@ STAGES: tuple[tuple[Any, ...], ...] = (
             ("q", _local),
             "k",
             "v",
-            "gate",
+            "g=gate",
+            "rs=to_end",
             ("n", _local),
             ("dy", _local),
             "dn",
-            "to_end",
-            ("kv_carried_left", _local),
-            "kv_carried_right",
-            "kv_chunk_right",
-            "qd_carried_left",
-            "qd_carried_right",
-            "qd_chunk_right",
+            ("hl=kv_carried_left", _local),
+            "hr=kv_carried_right",
+            "cr=kv_chunk_right",
+            "ql=qd_carried_left",
+            "qr=qd_carried_right",
+            "cq=qd_chunk_right",
         ),
-        (("dq", _local), "dk", "dv", "gate_terms"),
+        (("dq", _local), "dk", "dv", "df=dF", "tf=dF_sums", "dg=dG", "tg=dG_sums"),
         _always,
     ),
     (
@@ -355,38 +390,48 @@ STAGES: tuple[tuple[Any, ...], ...] = (
         "gate_grad",
         "(b, h, segment)",
         "suffix sums of the gate terms, times d log_decay / dz",
-        ("gate", "gate_terms"),
-        ("dgate",),
-        lambda s: s["gated"],
+        ("g=gate", "df=dF", "tf=dF_sums", "dg=dG", "tg=dG_sums"),
+        ("out=dgate",),
+        _gated,
     ),
 )
 SINKS = ("y", "dq", "dk", "dv", "dgate")  # what the op returns
 
 
-def _entry(entry: str | tuple[str, Callable[[Switches], bool]], switches: Switches) -> str | None:
-    if isinstance(entry, str):
-        return entry
-    name, cond = entry
-    return name if cond(switches) else None
+def _entry(entry: Entry, switches: Switches) -> tuple[str, str] | None:
+    """(role, buffer) of a read or write, or None when its condition does not hold."""
+    if not isinstance(entry, str):
+        entry, cond = entry
+        if not cond(switches):
+            return None
+    role, _, buffer = entry.rpartition("=")
+    return role or buffer, buffer
 
 
 def stage_graph(switches: Switches) -> nx.DiGraph:
     """The chunk form's launch schedule for these switches: one node per launch, edges labelled with
-    the buffers that pass between launches. Stages and buffers a spec does not need are absent."""
-    buffers = {name for name, (_, cond) in BUFFERS.items() if cond(switches)}
+    the buffers that pass between launches. Stages and buffers a spec does not need are absent. A node's
+    ``args`` are its kernel's pointer arguments in order, as (role, buffer, kind)."""
+    buffers = {name: kind for name, (_, kind, cond) in BUFFERS.items() if cond(switches)}
     g = nx.DiGraph()
     for name, pass_, template, function, grid, doc, reads, writes, cond in STAGES:
-        if cond(switches):
-            g.add_node(
-                name,
-                kernel=pass_,
-                template=template,
-                function=function,
-                grid=grid,
-                doc=doc,
-                reads=tuple(r for r in (_entry(x, switches) for x in reads) if r in buffers),
-                writes=tuple(w for w in (_entry(x, switches) for x in writes) if w in buffers),
-            )
+        if not cond(switches):
+            continue
+        bound = {
+            side: [e for e in (_entry(x, switches) for x in entries) if e is not None and e[1] in buffers]
+            for side, entries in (("reads", reads), ("writes", writes))
+        }
+        g.add_node(
+            name,
+            kernel=pass_,
+            template=template,
+            function=function,
+            grid=grid,
+            doc=doc,
+            reads=tuple(b for _, b in bound["reads"]),
+            writes=tuple(b for _, b in bound["writes"]),
+            args=tuple((role, b, buffers[b]) for role, b in bound["reads"] + bound["writes"]),
+        )
     writer = {b: n for n in g for b in g.nodes[n]["writes"]}
     for n in g:
         for b in g.nodes[n]["reads"]:

@@ -12,7 +12,7 @@ import pytest
 import sympy as sp
 
 from lion_gen import generate_source, load
-from lion_gen.codegen import PythonPrinter, TorchPrinter, TritonPrinter, templates_dir
+from lion_gen.codegen import PythonPrinter, TorchPrinter, TritonPrinter, _kernel_args, render, templates_dir
 from lion_gen.functions import REGISTRY, FunctionInfo, parse_expression
 from lion_gen.planner import plan
 from lion_gen.spec import load_spec
@@ -209,3 +209,29 @@ def test_the_tiles_helpers_a_module_may_import_exist_and_unused_ones_are_not_imp
     src = generate_source(ROOT / "specs" / "lion_lit.yaml")  # no mask: no _mask, no _softplus
     assert "    _mask,\n" not in src and "import math\n" not in src
     assert "    _sdot,\n" in src
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_each_kernel_and_its_launch_take_the_stage_graphs_argument_list(path):
+    """A chunk-form kernel's pointer parameters and the buffers its launch passes are one list, the
+    stage's reads and writes: the signature starts with it, the launch passes the same buffers."""
+    p = plan(load_spec(path))
+    name = p.name
+    tree = ast.parse(render(p, str(path)))
+    functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+    launches = {
+        c.args[0].id: c
+        for c in ast.walk(tree)
+        if isinstance(c, ast.Call) and getattr(c.func, "id", None) == "launch" and isinstance(c.args[0], ast.Name)
+    }
+    for stage in p.launch_order():
+        node = p.stages.nodes[stage]
+        fn = f"_{name}_{node['function']}"
+        params = [a.arg for a in functions[fn].args.args]
+        expected = _kernel_args(p, stage, kernel=True)
+        assert params[: len(expected)] == expected, (stage, params)
+        assert not [a for a in params[len(expected) :] if a.endswith("_ptr") or a.startswith("G_")], (stage, params)
+        passed = [ast.unparse(a) for a in launches[fn].args[2:]]
+        assert passed == _kernel_args(p, stage, kernel=False), (stage, passed)
+        for role, buffer, _ in node["args"]:  # each pointer parameter names a buffer of the stage
+            assert buffer in node["reads"] + node["writes"] and f"{role}_ptr" in params
