@@ -72,7 +72,8 @@ from lion_gen.runtime.tiles import (  # spec-independent Triton helpers
     _causal,
     _load_rows,
     _load_state,
-    _load_state_t,
+    _load_state_if,
+    _load_state_t_if,
     _sdot,
     _sdot_a,
     _sround,
@@ -168,12 +169,14 @@ def _linear_causal_fwd_summary(
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
         Xl = K
         sl += _sdot(tl.trans(Xl), V, SD, PREC)
-    _store_state(sl_ptr, seg, o_k, o_v, DK, DV, sl)
+    if s < NS - 1:  # the last segment's left summary reaches no segment: not stored (stage 2 stops before it)
+        _store_state(sl_ptr, seg, o_k, o_v, DK, DV, sl)
+
 
 
 # Stage 2 of the forward pass: one program per (b, h) scans the segment summaries (a short sequential
 # pass; docs/lion_math.md section 3.3 with segments for chunks):
-#   from the left:  H^L_0 = 0,  H^L_(s+1) = exp(T_s) H^L_s + S^L_s     (H^L_s enters segment s at its start)
+#   from the left:  H^L_0 = 0,  H^L_(s+1) = exp(T_s) H^L_s + S^L_s     (H^L_s enters segment s at its start; H^L_0 is not stored)
 # (T, S) pairs compose associatively: a tree scan, or an exchange between ranks, gives the same states.
 @triton.jit(do_not_specialize=["NS"])
 def _linear_causal_fwd_scan(
@@ -186,10 +189,10 @@ def _linear_causal_fwd_scan(
     o_v = tl.arange(0, BV)
     # from the left
     acc = tl.zeros([BK, BV], tl.float32)
-    for i in range(NS):
+    for i in range(NS - 1):  # the edge segment's state is 0: neither stored nor read
         seg = pid * NS + i
-        _store_state(hl_ptr, seg, o_k, o_v, DK, DV, acc)
         acc += _load_state(sl_ptr, seg, o_k, o_v, DK, DV)
+        _store_state(hl_ptr, seg + 1, o_k, o_v, DK, DV, acc)
 
 
 
@@ -222,7 +225,7 @@ def _linear_causal_fwd_output(
     n0 = s * SEG
     n1 = tl.minimum(n0 + SEG, N)
     seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
-    HL = _load_state(hl_ptr, seg, o_k, o_v, DK, DV)
+    HL = _load_state_if(hl_ptr, seg, o_k, o_v, DK, DV, s > 0)  # 0 entering the first segment: not read
     for n in range(n0, n1):
         rows = n * C + o_c
         _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
@@ -271,15 +274,18 @@ def _linear_causal_bwd_summary(
         _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
         Q = Q * scale
         dO = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
-        cidx = pid.to(tl.int64) * N + n
-        _store_state(cr_ptr, cidx, o_k, o_v, DK, DV, sr)
+        if i > 0:  # the segment's last chunk has nothing right of it inside the segment: not stored, not read
+            cidx = pid.to(tl.int64) * N + n
+            _store_state(cr_ptr, cidx, o_k, o_v, DK, DV, sr)
         sr += _sdot(tl.trans(Q), dO, SD, PREC)
-    _store_state(sr_ptr, seg, o_k, o_v, DK, DV, sr)
+    if s > 0:  # the first segment's right summary reaches no segment
+        _store_state(sr_ptr, seg, o_k, o_v, DK, DV, sr)
+
 
 
 # Stage 2 of the backward pass: one program per (b, h) scans the segment summaries (a short sequential
 # pass; docs/lion_math.md section 3.3 with segments for chunks):
-#   from the right: H^R_(NS-1) = 0,  H^R_(s-1) = exp(T_s) H^R_s + S^R_s  (H^R_s enters segment s at its end)
+#   from the right: H^R_(NS-1) = 0,  H^R_(s-1) = exp(T_s) H^R_s + S^R_s  (H^R_s enters segment s at its end; H^R_(NS-1) is not stored)
 # (T, S) pairs compose associatively: a tree scan, or an exchange between ranks, gives the same states.
 @triton.jit(do_not_specialize=["NS"])
 def _linear_causal_bwd_scan(
@@ -292,10 +298,10 @@ def _linear_causal_bwd_scan(
     o_v = tl.arange(0, BV)
     # from the right
     acc = tl.zeros([BK, BV], tl.float32)
-    for i in range(NS):
+    for i in range(NS - 1):  # the edge segment's state is 0: neither stored nor read
         seg = pid * NS + NS - 1 - i
-        _store_state(hr_ptr, seg, o_k, o_v, DK, DV, acc)
         acc += _load_state(sr_ptr, seg, o_k, o_v, DK, DV)
+        _store_state(hr_ptr, seg + -1, o_k, o_v, DK, DV, acc)
 
 
 
@@ -327,8 +333,8 @@ def _linear_causal_bwd_grads(
     n0 = s * SEG
     n1 = tl.minimum(n0 + SEG, N)
     seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
-    HLt = _load_state_t(hl_ptr, seg, o_v, o_k, DK, DV)  # keys left, transposed: sum_j exp(.) v_j K_j^T
-    QR = _load_state(qr_ptr, seg, o_k, o_v, DK, DV)  # queries right of the segment
+    HLt = _load_state_t_if(hl_ptr, seg, o_v, o_k, DK, DV, s > 0)  # keys left, transposed: sum_j exp(.) v_j K_j^T
+    QR = _load_state_if(qr_ptr, seg, o_k, o_v, DK, DV, s < NS - 1)  # queries right of the segment
     for n in range(n0, n1):
         rows = n * C + o_c
         xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
@@ -338,6 +344,7 @@ def _linear_causal_bwd_grads(
         dO = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
         # no mask: no potentials
         cidx = pid.to(tl.int64) * N + n
+        inner = n < n1 - 1  # the per-chunk right states of the segment's last chunk are 0: not read
         to_end = 1.0
         Qd = Q.to(dt)
         Kd = K.to(dt)
@@ -354,7 +361,7 @@ def _linear_causal_bwd_grads(
         dq_l = _sdot(dO, HLt, SD, PREC)
         dQ += dq_l
         # queries right of the chunk
-        Dn = _load_state(cq_ptr, cidx, o_k, o_v, DK, DV) + to_end * QR
+        Dn = _load_state_if(cq_ptr, cidx, o_k, o_v, DK, DV, inner) + to_end * QR
         dk_r = _sdot(V, tl.trans(Dn), SD, PREC)
         dv_r = _sdot(K, Dn, SD, PREC)
         dK += dk_r

@@ -182,6 +182,7 @@ def _lion_lit_fwd_summary(
     _store_vec(slz_ptr, seg, o_k, DK, slz)
 
 
+
 # Stage 2 of the forward pass, no mask: one program per (b, h) sums the segments' summaries, H = sum_s S_s
 # (docs/lion_math.md section 3.3, LIT case).
 @triton.jit(do_not_specialize=["NS"])
@@ -288,6 +289,7 @@ def _lion_lit_bwd_summary(
         slz += tl.sum(Xl * dn[:, None], 0)
     _store_state(sl_ptr, seg, o_k, o_v, DK, DV, sl)
     _store_vec(slz_ptr, seg, o_k, DK, slz)
+
 
 
 # Stage 2 of the backward pass, no mask: one program per (b, h) sums the segments' summaries, H = sum_s S_s

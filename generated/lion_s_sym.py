@@ -83,8 +83,10 @@ from lion_gen.runtime import (
 from lion_gen.runtime.tiles import (  # spec-independent Triton helpers
     _load_rows,
     _load_state,
-    _load_state_t,
+    _load_state_if,
+    _load_state_t_if,
     _load_vec,
+    _load_vec_if,
     _mask,
     _sdot,
     _sdot_a,
@@ -224,9 +226,10 @@ def _lion_s_sym_fwd_summary(
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
         _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L)
         tl.store(rs_ptr + pid.to(tl.int64) * N + n, R)
-        cidx = pid.to(tl.int64) * N + n
-        _store_state(cr_ptr, cidx, o_k, o_v, DK, DV, sr)
-        _store_vec(crz_ptr, cidx, o_k, DK, srz)
+        if i > 0:  # the segment's last chunk has nothing right of it inside the segment: not stored, not read
+            cidx = pid.to(tl.int64) * N + n
+            _store_state(cr_ptr, cidx, o_k, o_v, DK, DV, sr)
+            _store_vec(crz_ptr, cidx, o_k, DK, srz)
         Xr = K * tl.exp(cl)[:, None]
         decay = tl.exp(total)
         sr = decay * sr + _sdot(tl.trans(Xr), V, SD, PREC)
@@ -235,17 +238,21 @@ def _lion_s_sym_fwd_summary(
         sl += _sdot(tl.trans(Xl), V, SD, PREC)
         slz += tl.sum(Xl, 0)
         R += total
-    _store_state(sl_ptr, seg, o_k, o_v, DK, DV, sl)
-    _store_vec(slz_ptr, seg, o_k, DK, slz)
-    _store_state(sr_ptr, seg, o_k, o_v, DK, DV, sr)
-    _store_vec(srz_ptr, seg, o_k, DK, srz)
+    if s < NS - 1:  # the last segment's left summary reaches no segment: not stored (stage 2 stops before it)
+        _store_state(sl_ptr, seg, o_k, o_v, DK, DV, sl)
+        _store_vec(slz_ptr, seg, o_k, DK, slz)
+
+    if s > 0:  # the first segment's right summary reaches no segment
+        _store_state(sr_ptr, seg, o_k, o_v, DK, DV, sr)
+        _store_vec(srz_ptr, seg, o_k, DK, srz)
+
     tl.store(t_ptr + seg, R)
 
 
 # Stage 2 of the forward pass: one program per (b, h) scans the segment summaries (a short sequential
 # pass; docs/lion_math.md section 3.3 with segments for chunks):
-#   from the left:  H^L_0 = 0,  H^L_(s+1) = exp(T_s) H^L_s + S^L_s     (H^L_s enters segment s at its start)
-#   from the right: H^R_(NS-1) = 0,  H^R_(s-1) = exp(T_s) H^R_s + S^R_s  (H^R_s enters segment s at its end)
+#   from the left:  H^L_0 = 0,  H^L_(s+1) = exp(T_s) H^L_s + S^L_s     (H^L_s enters segment s at its start; H^L_0 is not stored)
+#   from the right: H^R_(NS-1) = 0,  H^R_(s-1) = exp(T_s) H^R_s + S^R_s  (H^R_s enters segment s at its end; H^R_(NS-1) is not stored)
 # (T, S) pairs compose associatively: a tree scan, or an exchange between ranks, gives the same states.
 @triton.jit(do_not_specialize=["NS"])
 def _lion_s_sym_fwd_scan(
@@ -259,24 +266,24 @@ def _lion_s_sym_fwd_scan(
     # from the left
     acc = tl.zeros([BK, BV], tl.float32)
     accz = tl.zeros([BK], tl.float32)
-    for i in range(NS):
+    for i in range(NS - 1):  # the edge segment's state is 0: neither stored nor read
         seg = pid * NS + i
-        _store_state(hl_ptr, seg, o_k, o_v, DK, DV, acc)
-        _store_vec(hlz_ptr, seg, o_k, DK, accz)
         decay = tl.exp(tl.load(t_ptr + seg))
         acc = decay * acc + _load_state(sl_ptr, seg, o_k, o_v, DK, DV)
         accz = decay * accz + _load_vec(slz_ptr, seg, o_k, DK)
+        _store_state(hl_ptr, seg + 1, o_k, o_v, DK, DV, acc)
+        _store_vec(hlz_ptr, seg + 1, o_k, DK, accz)
 
     # from the right
     acc = tl.zeros([BK, BV], tl.float32)
     accz = tl.zeros([BK], tl.float32)
-    for i in range(NS):
+    for i in range(NS - 1):  # the edge segment's state is 0: neither stored nor read
         seg = pid * NS + NS - 1 - i
-        _store_state(hr_ptr, seg, o_k, o_v, DK, DV, acc)
-        _store_vec(hrz_ptr, seg, o_k, DK, accz)
         decay = tl.exp(tl.load(t_ptr + seg))
         acc = decay * acc + _load_state(sr_ptr, seg, o_k, o_v, DK, DV)
         accz = decay * accz + _load_vec(srz_ptr, seg, o_k, DK)
+        _store_state(hr_ptr, seg + -1, o_k, o_v, DK, DV, acc)
+        _store_vec(hrz_ptr, seg + -1, o_k, DK, accz)
 
 
 
@@ -311,10 +318,10 @@ def _lion_s_sym_fwd_output(
     n0 = s * SEG
     n1 = tl.minimum(n0 + SEG, N)
     seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
-    HL = _load_state(hl_ptr, seg, o_k, o_v, DK, DV)
-    zl = _load_vec(hlz_ptr, seg, o_k, DK)
-    HR = _load_state(hr_ptr, seg, o_k, o_v, DK, DV)
-    zr = _load_vec(hrz_ptr, seg, o_k, DK)
+    HL = _load_state_if(hl_ptr, seg, o_k, o_v, DK, DV, s > 0)  # 0 entering the first segment: not read
+    zl = _load_vec_if(hlz_ptr, seg, o_k, DK, s > 0)
+    HR = _load_state_if(hr_ptr, seg, o_k, o_v, DK, DV, s < NS - 1)  # 0 entering the last segment
+    zr = _load_vec_if(hrz_ptr, seg, o_k, DK, s < NS - 1)
     for n in range(n0, n1):
         rows = n * C + o_c
         _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK)
@@ -331,10 +338,11 @@ def _lion_s_sym_fwd_output(
         den += tl.sum(wl * Qs * zl[None, :], 1)
         cidx = pid.to(tl.int64) * N + n
         to_end = tl.exp(tl.load(rs_ptr + cidx))  # exp(P_b - P_en): from this chunk's end to the segment's end
-        Hn = _load_state(cr_ptr, cidx, o_k, o_v, DK, DV) + to_end * HR
+        inner = n < n1 - 1  # the segment's last chunk has no keys right of it inside the segment
+        Hn = _load_state_if(cr_ptr, cidx, o_k, o_v, DK, DV, inner) + to_end * HR
         wr = tl.exp(total - cl)[:, None]
         num += wr * _sdot(Qs, Hn, SD, PREC)
-        zn = _load_vec(crz_ptr, cidx, o_k, DK) + to_end * zr
+        zn = _load_vec_if(crz_ptr, cidx, o_k, DK, inner) + to_end * zr
         den += tl.sum(wr * Qs * zn[None, :], 1)
         tl.store(n_ptr + n_base + rows * H, den, mask=rows < L)
         num = num * (1.0 / (den + eps))[:, None]
@@ -386,9 +394,10 @@ def _lion_s_sym_bwd_summary(
         dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
         tl.store(dn_ptr + n_base + rows * H, dn, mask=rows < L)
         _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L)
-        cidx = pid.to(tl.int64) * N + n
-        _store_state(cr_ptr, cidx, o_k, o_v, DK, DV, sr)
-        _store_vec(crz_ptr, cidx, o_k, DK, srz)
+        if i > 0:  # the segment's last chunk has nothing right of it inside the segment: not stored, not read
+            cidx = pid.to(tl.int64) * N + n
+            _store_state(cr_ptr, cidx, o_k, o_v, DK, DV, sr)
+            _store_vec(crz_ptr, cidx, o_k, DK, srz)
         Xr = Q * tl.exp(cl)[:, None]
         decay = tl.exp(total)
         sr = decay * sr + _sdot(tl.trans(Xr), dO, SD, PREC)
@@ -397,16 +406,20 @@ def _lion_s_sym_bwd_summary(
         sl += _sdot(tl.trans(Xl), dO, SD, PREC)
         slz += tl.sum(Xl * dn[:, None], 0)
         R += total
-    _store_state(sl_ptr, seg, o_k, o_v, DK, DV, sl)
-    _store_vec(slz_ptr, seg, o_k, DK, slz)
-    _store_state(sr_ptr, seg, o_k, o_v, DK, DV, sr)
-    _store_vec(srz_ptr, seg, o_k, DK, srz)
+    if s < NS - 1:  # the last segment's left summary reaches no segment: not stored (stage 2 stops before it)
+        _store_state(sl_ptr, seg, o_k, o_v, DK, DV, sl)
+        _store_vec(slz_ptr, seg, o_k, DK, slz)
+
+    if s > 0:  # the first segment's right summary reaches no segment
+        _store_state(sr_ptr, seg, o_k, o_v, DK, DV, sr)
+        _store_vec(srz_ptr, seg, o_k, DK, srz)
+
 
 
 # Stage 2 of the backward pass: one program per (b, h) scans the segment summaries (a short sequential
 # pass; docs/lion_math.md section 3.3 with segments for chunks):
-#   from the left:  H^L_0 = 0,  H^L_(s+1) = exp(T_s) H^L_s + S^L_s     (H^L_s enters segment s at its start)
-#   from the right: H^R_(NS-1) = 0,  H^R_(s-1) = exp(T_s) H^R_s + S^R_s  (H^R_s enters segment s at its end)
+#   from the left:  H^L_0 = 0,  H^L_(s+1) = exp(T_s) H^L_s + S^L_s     (H^L_s enters segment s at its start; H^L_0 is not stored)
+#   from the right: H^R_(NS-1) = 0,  H^R_(s-1) = exp(T_s) H^R_s + S^R_s  (H^R_s enters segment s at its end; H^R_(NS-1) is not stored)
 # (T, S) pairs compose associatively: a tree scan, or an exchange between ranks, gives the same states.
 @triton.jit(do_not_specialize=["NS"])
 def _lion_s_sym_bwd_scan(
@@ -420,24 +433,24 @@ def _lion_s_sym_bwd_scan(
     # from the left
     acc = tl.zeros([BK, BV], tl.float32)
     accz = tl.zeros([BK], tl.float32)
-    for i in range(NS):
+    for i in range(NS - 1):  # the edge segment's state is 0: neither stored nor read
         seg = pid * NS + i
-        _store_state(hl_ptr, seg, o_k, o_v, DK, DV, acc)
-        _store_vec(hlz_ptr, seg, o_k, DK, accz)
         decay = tl.exp(tl.load(t_ptr + seg))
         acc = decay * acc + _load_state(sl_ptr, seg, o_k, o_v, DK, DV)
         accz = decay * accz + _load_vec(slz_ptr, seg, o_k, DK)
+        _store_state(hl_ptr, seg + 1, o_k, o_v, DK, DV, acc)
+        _store_vec(hlz_ptr, seg + 1, o_k, DK, accz)
 
     # from the right
     acc = tl.zeros([BK, BV], tl.float32)
     accz = tl.zeros([BK], tl.float32)
-    for i in range(NS):
+    for i in range(NS - 1):  # the edge segment's state is 0: neither stored nor read
         seg = pid * NS + NS - 1 - i
-        _store_state(hr_ptr, seg, o_k, o_v, DK, DV, acc)
-        _store_vec(hrz_ptr, seg, o_k, DK, accz)
         decay = tl.exp(tl.load(t_ptr + seg))
         acc = decay * acc + _load_state(sr_ptr, seg, o_k, o_v, DK, DV)
         accz = decay * accz + _load_vec(srz_ptr, seg, o_k, DK)
+        _store_state(hr_ptr, seg + -1, o_k, o_v, DK, DV, acc)
+        _store_vec(hrz_ptr, seg + -1, o_k, DK, accz)
 
 
 
@@ -478,15 +491,15 @@ def _lion_s_sym_bwd_grads(
     seg = pid.to(tl.int64) * NS + s  # index of this (b, h, segment) in per-segment buffers
     o_r = o_c[:, None]
     o_s = o_c[None, :]
-    HLt = _load_state_t(hl_ptr, seg, o_v, o_k, DK, DV)  # keys left, transposed: sum_j exp(.) v_j K_j^T
-    zl = _load_vec(hlz_ptr, seg, o_k, DK)
-    HRt = _load_state_t(hr_ptr, seg, o_v, o_k, DK, DV)  # keys right of the segment, transposed
-    zr = _load_vec(hrz_ptr, seg, o_k, DK)
-    QL = _load_state(ql_ptr, seg, o_k, o_v, DK, DV)  # queries left: sum_i exp(.) Q_i dO_i^T, and its transpose
+    HLt = _load_state_t_if(hl_ptr, seg, o_v, o_k, DK, DV, s > 0)  # keys left, transposed: sum_j exp(.) v_j K_j^T
+    zl = _load_vec_if(hlz_ptr, seg, o_k, DK, s > 0)
+    HRt = _load_state_t_if(hr_ptr, seg, o_v, o_k, DK, DV, s < NS - 1)  # keys right of the segment, transposed
+    zr = _load_vec_if(hrz_ptr, seg, o_k, DK, s < NS - 1)
+    QL = _load_state_if(ql_ptr, seg, o_k, o_v, DK, DV, s > 0)  # queries left: sum_i exp(.) Q_i dO_i^T, and its transpose
     QLt = tl.trans(QL)  # of a loaded tile; from here on both are carried, each by its own dot
-    el = _load_vec(qlz_ptr, seg, o_k, DK)
-    QR = _load_state(qr_ptr, seg, o_k, o_v, DK, DV)  # queries right of the segment
-    er = _load_vec(qrz_ptr, seg, o_k, DK)
+    el = _load_vec_if(qlz_ptr, seg, o_k, DK, s > 0)
+    QR = _load_state_if(qr_ptr, seg, o_k, o_v, DK, DV, s < NS - 1)  # queries right of the segment
+    er = _load_vec_if(qrz_ptr, seg, o_k, DK, s < NS - 1)
     sum_f = tl.sum(tl.zeros([C], tl.float32), 0)
     sum_g = sum_f
     for n in range(n0, n1):
@@ -498,6 +511,7 @@ def _lion_s_sym_bwd_grads(
         dO, dn = _output_adjoint_dn(n_ptr, dy_ptr, dn_ptr, v_base, n_base, rows, o_v, L, H, eps, DV)
         _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L)
         cidx = pid.to(tl.int64) * N + n
+        inner = n < n1 - 1  # the per-chunk right states of the segment's last chunk are 0: not read
         to_end = tl.exp(tl.load(rs_ptr + cidx))  # exp(P_b - P_en)
         Qd = Q.to(dt)
         Kd = K.to(dt)
@@ -522,8 +536,8 @@ def _lion_s_sym_bwd_grads(
         dF += tl.sum(Q * dq_l, 1)
         dQ += dq_l
         # keys right of the chunk
-        Rt = tl.trans(_load_state(cr_ptr, cidx, o_k, o_v, DK, DV)) + to_end * HRt
-        dq_r = _sdot(dO, Rt, SD, PREC) + dn[:, None] * (_load_vec(crz_ptr, cidx, o_k, DK) + to_end * zr)[None, :]
+        Rt = tl.trans(_load_state_if(cr_ptr, cidx, o_k, o_v, DK, DV, inner)) + to_end * HRt
+        dq_r = _sdot(dO, Rt, SD, PREC) + dn[:, None] * (_load_vec_if(crz_ptr, cidx, o_k, DK, inner) + to_end * zr)[None, :]
         dq_r = tl.exp(total - cl)[:, None] * dq_r
         dG -= tl.sum(Q * dq_r, 1)
         dQ += dq_r
@@ -534,8 +548,8 @@ def _lion_s_sym_bwd_grads(
         dK += dk_l
         dV += wl * _sdot(K, QL, SD, PREC)
         # queries right of the chunk
-        Dn = _load_state(cq_ptr, cidx, o_k, o_v, DK, DV) + to_end * QR
-        dk_r = _sdot(V, tl.trans(Dn), SD, PREC) + (_load_vec(cqz_ptr, cidx, o_k, DK) + to_end * er)[None, :]
+        Dn = _load_state_if(cq_ptr, cidx, o_k, o_v, DK, DV, inner) + to_end * QR
+        dk_r = _sdot(V, tl.trans(Dn), SD, PREC) + (_load_vec_if(cqz_ptr, cidx, o_k, DK, inner) + to_end * er)[None, :]
         dv_r = _sdot(K, Dn, SD, PREC)
         wr = tl.exp(total - cl)[:, None]
         dk_r = wr * dk_r

@@ -37,25 +37,43 @@ def _store_rows(ptr, base, rows, cols, L, STRIDE, DIM: tl.constexpr, value):
 
 
 @triton.jit
+def _state_tile(idx, o_k, o_v, DK: tl.constexpr, DV: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Offsets and mask of state `idx` of a (..., DK, DV) buffer: a (BK, BV) tile, or (BV, BK) transposed."""
+    if TRANSPOSED:
+        mask = (o_v[:, None] < DV) & (o_k[None, :] < DK)
+        offsets = idx.to(tl.int64) * (DK * DV) + o_k[None, :] * DV + o_v[:, None]
+    else:
+        mask = (o_k[:, None] < DK) & (o_v[None, :] < DV)
+        offsets = idx.to(tl.int64) * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
+    return offsets, mask
+
+
+@triton.jit
 def _load_state(ptr, idx, o_k, o_v, DK: tl.constexpr, DV: tl.constexpr):
     """State `idx` of a (..., DK, DV) buffer as a (BK, BV) fp32 tile, zero outside."""
-    mask = (o_k[:, None] < DK) & (o_v[None, :] < DV)
-    offsets = idx.to(tl.int64) * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
+    offsets, mask = _state_tile(idx, o_k, o_v, DK, DV, False)
     return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _load_state_t(ptr, idx, o_v, o_k, DK: tl.constexpr, DV: tl.constexpr):
-    """State `idx` of a (..., DK, DV) buffer, transposed: a (BV, BK) fp32 tile read in that order."""
-    mask = (o_v[:, None] < DV) & (o_k[None, :] < DK)
-    offsets = idx.to(tl.int64) * (DK * DV) + o_k[None, :] * DV + o_v[:, None]
-    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+def _load_state_if(ptr, idx, o_k, o_v, DK: tl.constexpr, DV: tl.constexpr, pred):
+    """As _load_state, but all zero, and nothing read, where the scalar `pred` is false (a state known to
+    be zero: the one entering an edge segment, or a segment's last chunk from inside the segment)."""
+    offsets, mask = _state_tile(idx, o_k, o_v, DK, DV, False)
+    return tl.load(ptr + offsets, mask=tl.where(pred, mask, False), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_state_t_if(ptr, idx, o_v, o_k, DK: tl.constexpr, DV: tl.constexpr, pred):
+    """State `idx` of a (..., DK, DV) buffer, transposed: a (BV, BK) fp32 tile read in that order (zero,
+    nothing read, where `pred` is false)."""
+    offsets, mask = _state_tile(idx, o_k, o_v, DK, DV, True)
+    return tl.load(ptr + offsets, mask=tl.where(pred, mask, False), other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _store_state(ptr, idx, o_k, o_v, DK: tl.constexpr, DV: tl.constexpr, value):
-    mask = (o_k[:, None] < DK) & (o_v[None, :] < DV)
-    offsets = idx.to(tl.int64) * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
+    offsets, mask = _state_tile(idx, o_k, o_v, DK, DV, False)
     tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
 
 
@@ -63,6 +81,12 @@ def _store_state(ptr, idx, o_k, o_v, DK: tl.constexpr, DV: tl.constexpr, value):
 def _load_vec(ptr, idx, o, DIM: tl.constexpr):
     """Vector `idx` of a (..., DIM) fp32 buffer, zero outside."""
     return tl.load(ptr + idx.to(tl.int64) * DIM + o, mask=o < DIM, other=0.0)
+
+
+@triton.jit
+def _load_vec_if(ptr, idx, o, DIM: tl.constexpr, pred):
+    """As _load_vec, zero and not read where `pred` is false."""
+    return tl.load(ptr + idx.to(tl.int64) * DIM + o, mask=tl.where(pred, o < DIM, False), other=0.0)
 
 
 @triton.jit
