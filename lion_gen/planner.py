@@ -492,6 +492,11 @@ def plan(spec: Spec) -> Plan:
     )
 
 
+def _rename(expr: sp.Expr, name: str) -> sp.Expr:
+    """``expr`` with z renamed, for display: a real symbol, so that nothing is evaluated anew."""
+    return expr.xreplace({Z: sp.Symbol(name, real=True)})
+
+
 def equations(spec: Spec, f_shift: int, g_shift: int) -> tuple[str, ...]:
     """The math the generated kernels implement, as text (for explain and the file header)."""
     norm = " / ||f(x)||_2 (over the head dim)" if spec.feature_map.normalize == "l2" else ""
@@ -501,9 +506,9 @@ def equations(spec: Spec, f_shift: int, g_shift: int) -> tuple[str, ...]:
     ]
     fam = spec.mask.family
     if fam == "selective":
-        eq.append(f"l_t = {spec.mask.log_decay.subs(Z, sp.Symbol('gate[b,t,h]'))}  (<= 0)")
+        eq.append(f"l_t = {_rename(spec.mask.log_decay, 'gate[b,t,h]')}  (<= 0)")
     elif fam == "decay":
-        eq.append(f"l_t = {spec.mask.log_decay.subs(Z, sp.Symbol('gate[h]'))}  (<= 0, every t)")
+        eq.append(f"l_t = {_rename(spec.mask.log_decay, 'gate[h]')}  (<= 0, every t)")
     if fam != "none":
         eq.append("P_m = sum_{s<m} l_s (exclusive prefix sum, fp32, chunk-local in the kernels)")
         eq.append(f"F_m = P_(m+{f_shift}),  G_m = P_(m+{g_shift})")
