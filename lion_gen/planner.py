@@ -202,6 +202,20 @@ def prove_bounded(expr: sp.Expr, symbol: sp.Symbol, domain: Interval, bound: flo
     return True, f"every part of it lies within +-{bound:g} for {symbol} in {domain}"
 
 
+ORDINARY_TINY = 1e-15  # phi must reach this somewhere on ordinary inputs: phi(q) . phi(k) >= 1e-30
+
+
+def prove_not_tiny(expr: sp.Expr, symbol: sp.Symbol, points: tuple[float, ...], tiny: float) -> tuple[bool, str]:
+    """Whether ``expr`` is identically 0 or reaches ``tiny`` in magnitude at one of ``points`` (values it
+    takes, so the check is sound); otherwise every product of two of its values underflows float32."""
+    if expr.is_zero:
+        return True, "it is 0"
+    values = [abs(complex(expr.subs(symbol, sp.Float(v, 20)).evalf(20))) for v in points]
+    if max(values) >= tiny:
+        return True, f"it reaches {max(values):.3g} at {symbol} in {list(points)}"
+    return False, f"it stays below {tiny:g} in magnitude at {symbol} in {list(points)} (at most {max(values):.3g})"
+
+
 def _same_value(a: sp.Expr, b: sp.Expr, symbol: sp.Symbol) -> bool:
     """Numerically (30 digits, at a few points) whether two expressions agree: bounded time, unlike simplify."""
     for v in (-20, -3, -0.5, 0, 0.25, 2, 7, 30):
@@ -516,6 +530,10 @@ def plan(spec: Spec) -> Plan:
     ):
         ok, how = prove_bounded(expr, sym, dom, ORDINARY_BOUND)
         _check(spec, field, ok, f"{what} stays within float32's range", how, facts, warns)
+    ok, how = prove_not_tiny(stable_phi, X, (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0), ORDINARY_TINY)
+    _check(spec, "feature_map.expr", ok, f"phi(x) = {phi} is not tiny (no underflow)", how, facts, warns)
+    ok, how = prove_not_tiny(spec.scale, D, (1.0, 16.0, 64.0, 256.0), ORDINARY_TINY)
+    _check(spec, "scale", ok, f"scale = {spec.scale} is not tiny (no underflow)", how, facts, warns)
     if spec.normalize_rows:
         ok, how = prove(phi, X, Interval.real(), "positive")
         _check(spec, "feature_map.expr", ok, f"phi(x) = {phi} > 0 (normalize_rows: true)", how, facts, warns)

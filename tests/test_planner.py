@@ -686,3 +686,13 @@ def test_stabilize_is_checked_numerically():
 def test_variable_exponent_ranges():
     iv = interval_of(parse_expression("2**x", "x"), {X: Interval(-1.0, 3.0)})
     assert iv.lo == pytest.approx(0.5) and iv.hi == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize(
+    "fields,field",
+    [({"feature_map": {"expr": "exp(-87)"}}, "feature_map.expr"), ({"scale": "1.2e-38"}, "scale")],
+)
+def test_tiny_feature_maps_and_scales_are_refused(fields, field):
+    with pytest.raises(SpecError, match="is not tiny") as info:
+        plan(spec_of(normalize_rows=False, **fields))
+    assert info.value.field == field
