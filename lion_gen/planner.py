@@ -10,7 +10,7 @@ from typing import Any
 import networkx as nx
 import sympy as sp
 
-from .functions import RANGES, Interval, increasing, sigmoid, softplus
+from .functions import RANGES, Interval, increasing, shorten, sigmoid, softplus
 from .plan import Elementwise, Plan
 from .spec import Spec, SpecError
 
@@ -496,9 +496,12 @@ def _check(spec: Spec, field: str, ok: bool, what: str, how: str, facts: list[st
     if ok:
         facts.append(f"{what}: proved ({how})")
         return
-    if not spec.allow_unproven:
+    if not spec.allow_unproven:  # derived expressions can be long: the message stays one readable line
         raise SpecError(
-            spec.source, field, f"cannot prove {what}: {how} (set allow_unproven: true to accept it with a warning)"
+            spec.source,
+            field,
+            f"cannot prove {shorten(what, 200)}: {shorten(how, 200)} "
+            "(set allow_unproven: true to accept it with a warning)",
         )
     msg = f"{spec.source}: {field}: accepted without proof: {what} ({how})"
     warns.append(msg)
