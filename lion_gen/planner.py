@@ -10,7 +10,7 @@ from typing import Any
 import networkx as nx
 import sympy as sp
 
-from .functions import RANGES, Interval, increasing, shorten, sigmoid, softplus
+from .functions import RANGES, Interval, elu, increasing, shorten, sigmoid, silu, softplus
 from .plan import Elementwise, Plan
 from .spec import Spec, SpecError
 
@@ -252,10 +252,38 @@ def stabilize(expr: sp.Expr) -> sp.Expr:
 
 
 def elementwise(expr: sp.Expr, symbol: sp.Symbol, prefix: str) -> Elementwise:
-    """CSE an elementwise expression into named temporaries (deterministic names)."""
+    """CSE an elementwise expression into named temporaries (deterministic names).
+
+    The printers write some arguments more than once (silu(a) as a * sigmoid(a), elu's branches, an integer
+    power as a product of its base): each such argument that is not a symbol or a number gets a temporary
+    of its own, so that nested calls print in size linear in the expression, not exponential."""
     names = sp.numbered_symbols(prefix, real=True)
     steps, (result,) = sp.cse(expr, symbols=names, optimizations="basic")
-    return Elementwise(symbol, expr, tuple(steps), result)
+    out: list[tuple[sp.Symbol, sp.Expr]] = []
+    for sym, e in steps:
+        out.append((sym, _name_repeated(e, names, out)))
+    result = _name_repeated(result, names, out)
+    return Elementwise(symbol, expr, tuple(out), result)
+
+
+def _repeats_its_argument(e: sp.Expr) -> bool:
+    if isinstance(e, (silu, elu, sp.sign)):
+        return True
+    return bool(e.is_Pow and e.args[1].is_Integer and abs(int(e.args[1])) >= 2)
+
+
+def _name_repeated(e: sp.Expr, names: Any, steps: list[tuple[sp.Symbol, sp.Expr]]) -> sp.Expr:
+    """``e`` with every argument a printer repeats moved into a new step (appended to ``steps``)."""
+    if e.is_Atom:
+        return e
+    args = [_name_repeated(a, names, steps) for a in e.args]
+    if _repeats_its_argument(e) and not args[0].is_Atom:
+        sym = next(names)
+        steps.append((sym, args[0]))
+        args[0] = sym
+    if args == list(e.args):
+        return e
+    return e.func(*args, evaluate=False) if e.is_Add or e.is_Mul or e.is_Pow else e.func(*args)
 
 
 def derive_l2_adjoint() -> sp.Expr:

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from lion_gen import generate_source, load
 from lion_gen.codegen import PythonPrinter, TorchPrinter, TritonPrinter, templates_dir
 from lion_gen.functions import REGISTRY, FunctionInfo, parse_expression
 from lion_gen.planner import plan
-from lion_gen.spec import load_spec
+from lion_gen.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
@@ -297,3 +298,18 @@ def test_python_printer_lowers_every_function(name):
         got = eval(code, {"math": math, "d": v})  # noqa: S307
         want = float(expr.subs(d, v).rewrite(sp.exp).evalf(30))
         assert math.isclose(got, want, rel_tol=1e-12, abs_tol=1e-300), (name, v, got, want)
+
+
+@pytest.mark.parametrize(
+    "expr", ["silu(" * 23 + "x" + ")" * 23 + " + 2", "elu(" * 20 + "x" + ")" * 20 + " + 2", "((x**2 + 1)**6 + 1)**6"]
+)
+def test_nested_calls_print_in_linear_size(expr):
+    """silu(a) prints a twice, elu's branches three times, a power its base n times: nested, that was
+    exponential (2**23 copies of x, a hang). Each repeated argument now has a temporary of its own."""
+    spec = {"name": "t", "feature_map": {"expr": expr}, "mask": {"family": "none"}, "allow_unproven": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the powers are beyond float32's range: accepted unproven
+        p = plan(parse_spec(spec))
+    for ew in (p.feature, p.feature_grad):
+        lines = [TritonPrinter().doprint(e) for _, e in ew.steps] + [TritonPrinter().doprint(ew.result)]
+        assert sum(len(line) for line in lines) < 40 * len(expr) + 4000
