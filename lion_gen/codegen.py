@@ -22,6 +22,7 @@ from sympy.printing.str import StrPrinter
 from . import __version__
 from .functions import FLOAT32_MAX, FLOAT32_TINY, elu
 from .plan import Elementwise, Plan
+from .planner import _camel as camel
 from .planner import plan as make_plan
 from .spec import Spec, SpecError, load_spec
 
@@ -368,6 +369,29 @@ def _context(p: Plan) -> dict[str, object]:
     }
 
 
+# Module-level names every generated module binds (imports and the runtime's checks): a spec named so is
+# refused before any planning. _check_names, on the rendered module, stays the authority.
+MODULE_NAMES = frozenset(
+    {"annotations", "math", "torch", "triton", "tl", "launch", "SPEC", "EPS", "FAMILY", "DEFAULT_CHUNK"}
+    | {"check_chunk_size", "check_inputs", "check_scale", "kernel_settings", "lion_reference", "on_device"}
+    | {"resolve_form", "segment_chunks"}
+)
+
+
+def check_name_early(spec: Spec) -> None:
+    """Refuse at once a name that collides with what every generated module binds, or with its own class."""
+    if spec.name in MODULE_NAMES:
+        raise SpecError(
+            spec.source,
+            "name",
+            f"{spec.name!r} collides with a name the generated module uses ({spec.name!r}); choose another name",
+        )
+    if spec.name == camel(spec.name):
+        raise SpecError(
+            spec.source, "name", f"{spec.name!r} collides with its own nn.Module class name ({spec.name!r})"
+        )
+
+
 def _check_names(text: str, p: Plan, source: str) -> None:
     """The function and the class a spec names must be the only module-level bindings of those names."""
     counts: dict[str, int] = {}
@@ -391,6 +415,7 @@ def generate_source(spec: Spec | str | os.PathLike[str]) -> str:
     """The generated module's source for a spec (a Spec or a path to one)."""
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
+    check_name_early(spec)
     return render(make_plan(spec), spec.source)
 
 

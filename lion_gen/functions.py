@@ -441,7 +441,7 @@ def _to_sympy(node: ast.AST, sym: sp.Symbol, src: str) -> tuple[sp.Expr, float |
         value = None
         if av is not None and bv is not None:
             value = _constant(_float_op(_FLOAT_BINOPS[type(node.op)], av, bv), lambda: _show(node), src)
-        return op(a, b), value
+        return _built(lambda: op(a, b), value, node, src)
     if isinstance(node, ast.Call):
         if not isinstance(node.func, ast.Name) or node.keywords:
             raise ExpressionError(f"unsupported call in {src!r}")
@@ -468,8 +468,22 @@ def _to_sympy(node: ast.AST, sym: sp.Symbol, src: str) -> tuple[sp.Expr, float |
         value = None
         if all(v is not None for v in values):
             value = _constant(_float_op(_FLOAT_FUNCS[info.name], *values), lambda: _show(node), src)
-        return info.build(*args), value
+        return _built(lambda: info.build(*args), value, node, src)
     raise ExpressionError(f"unsupported syntax {type(node).__name__} in {src!r}")
+
+
+def _built(make: Callable[[], sp.Expr], value: float | None, node: ast.AST, src: str) -> tuple[sp.Expr, float | None]:
+    """SymPy's expression for ``node`` and its value, refused when SymPy cannot make it or it is not finite
+    (``(x - x)**-1`` cancels to 0**-1 only inside SymPy, where the constants above do not see it)."""
+    try:
+        expr = make()
+    except (ValueError, TypeError, ZeroDivisionError, ArithmeticError) as e:
+        raise ExpressionError(f"{_show(node)} in {src!r} cannot be evaluated ({shorten(str(e), 60)})") from None
+    if expr.has(sp.zoo, sp.nan, sp.oo, -sp.oo, sp.I):
+        raise ExpressionError(f"{_show(node)} in {src!r} is not a finite real number ({shorten(sp.sstr(expr), 60)})")
+    if value is None and expr.is_number:  # a part that cancels to a constant
+        value = _constant(_float_op(lambda: float(expr.evalf(20))), lambda: _show(node), src)
+    return expr, value
 
 
 def _float_op(f: Callable[..., float], *args: float) -> float | complex:

@@ -484,6 +484,9 @@ ISSUE_REFUSALS = {
     "9**9**9**9": (spec_text("9**9**9**9"), "feature_map.expr", "exponent 387420489"),
     "10**10**10": (spec_text(mask=SELECTIVE.format("-z**2 - 10**10**10")), "mask.log_decay", "exponent"),
     "sqrt-abs": (spec_text("sqrt(abs(x)) + 1"), "feature_map.expr", "phi'(x)"),
+    # found by the fuzzer: x - x cancels inside SymPy, then 0**-1 is zoo (was exit 3, not comparable)
+    "cancelled-zoo": (spec_text("max(((x - x))**-1, min(x, x))"), "feature_map.expr", "not a real number"),
+    "name-torch": (spec_text(name="torch"), "name", "collides"),  # refused before planning (was 2.5 s)
     "yaml-syntax": ("name: t\nfeature_map: {expr: x\nmask:\n  family: none\n", "<file>", "line 3, column 5"),
     "alias-bomb": (
         spec_text(
@@ -533,3 +536,17 @@ def test_issue_examples_that_compile(expr, mask, tmp_path, capsys):
     assert main([str(path), "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
     assert time.perf_counter() - start < 20.0
     assert files_in(tmp_path / "out") == ["t.py"]
+
+
+def test_a_colliding_name_is_refused_before_planning(tmp_path, monkeypatch, capsys):
+    import lion_gen.cli
+
+    def no_planning(spec):
+        raise AssertionError("planned")
+
+    monkeypatch.setattr(lion_gen.cli, "plan", no_planning)
+    path = tmp_path / "spec.yaml"
+    for name in ("torch", "launch", "check_inputs"):
+        path.write_text(spec_text(name=name), encoding="utf-8")
+        assert main([str(path), "--out", str(tmp_path / "out")]) == 2
+        assert "collides" in capsys.readouterr().err
