@@ -28,6 +28,11 @@
 # Facts the planner checked:
 #   phi(x) = elu(x) + 1 is defined for every real x: proved (every log, root and division is defined for x in (-inf, inf))
 #   scale = 1 is defined for every head dim d >= 1: proved (every log, root and division is defined for d in [1, inf))
+#   phi'(x) = Min(1, exp(x)) is defined for every real x: proved (every log, root and division is defined for x in (-inf, inf))
+#   phi(x) = elu(x) + 1 stays within float32's range: proved (every part of it lies within +-1e+15 for x in [-16, 16])
+#   scale = 1 stays within float32's range: proved (every part of it lies within +-1e+15 for d in [1, 256])
+#   phi(x) = elu(x) + 1 is not tiny (no underflow): proved (it reaches 3 at x in [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
+#   scale = 1 is not tiny (no underflow): proved (it reaches 1 at d in [1.0, 16.0, 64.0, 256.0])
 #   phi(x) = elu(x) + 1 > 0 (normalize_rows: true): proved (its range over x in (-inf, inf) is within (0, inf))
 #   scale = 1 > 0 for d >= 1 (normalize_rows: true): proved (by SymPy's assumptions)
 #
@@ -94,7 +99,7 @@ EPS = 1e-06
 @triton.jit
 def _feature(x):
     # f(x) = elu(x) + 1
-    return tl.where(x > 0, x, tl.exp(x) - 1.0) + 1.0
+    return tl.where(x > 0, x + 1.0, tl.exp(x))
 
 
 @triton.jit
@@ -538,7 +543,7 @@ def _scale(d: int) -> float:
 
 
 def _feature_torch(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.elu(x) + 1.0
+    return torch.where(x > 0, x + 1.0, torch.exp(torch.clamp(x, max=0.0)))
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:

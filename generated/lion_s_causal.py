@@ -35,9 +35,16 @@
 #   phi(x) = silu(x) + 1/2 is defined for every real x: proved (every log, root and division is defined for x in (-inf, inf))
 #   scale = 1 is defined for every head dim d >= 1: proved (every log, root and division is defined for d in [1, inf))
 #   log_decay(z) = -softplus(z) is defined: proved (every log, root and division is defined for z in (-inf, inf))
+#   phi'(x) = (x*(1 - sigmoid(x)) + 1)*sigmoid(x) is defined for every real x: proved (every log, root and division is defined for x in (-inf, inf))
+#   phi(x) = silu(x) + 1/2 stays within float32's range: proved (every part of it lies within +-1e+15 for x in [-16, 16])
+#   scale = 1 stays within float32's range: proved (every part of it lies within +-1e+15 for d in [1, 256])
+#   phi(x) = silu(x) + 1/2 is not tiny (no underflow): proved (it reaches 2.26 at x in [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
+#   scale = 1 is not tiny (no underflow): proved (it reaches 1 at d in [1.0, 16.0, 64.0, 256.0])
 #   phi(x) = silu(x) + 1/2 > 0 (normalize_rows: true): proved (its range over x in (-inf, inf) is within [0.221535, inf])
 #   scale = 1 > 0 for d >= 1 (normalize_rows: true): proved (by SymPy's assumptions)
 #   log_decay(z) = -softplus(z) <= 0: proved (by SymPy's assumptions)
+#   d log_decay/dz = -sigmoid(z) is defined for every real z: proved (every log, root and division is defined for z in (-inf, inf))
+#   log_decay(z) = -softplus(z) stays within float32's range: proved (every part of it lies within +-1e+15 for z in [-16, 16])
 #
 # The chunk form's launch schedule (the plan's stage graph, in launch order; the parallel form is
 # one forward and two backward launches):

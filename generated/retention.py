@@ -36,7 +36,14 @@
 #   phi(x) = x is defined for every real x: proved (every log, root and division is defined for x in (-inf, inf))
 #   scale = 1/sqrt(d) is defined for every head dim d >= 1: proved (every log, root and division is defined for d in [1, inf))
 #   log_decay(z) = log(sigmoid(z)) is defined: proved (every log, root and division is defined for z in (-inf, inf))
+#   phi'(x) = 1 is defined for every real x: proved (every log, root and division is defined for x in (-inf, inf))
+#   phi(x) = x stays within float32's range: proved (every part of it lies within +-1e+15 for x in [-16, 16])
+#   scale = 1/sqrt(d) stays within float32's range: proved (every part of it lies within +-1e+15 for d in [1, 256])
+#   phi(x) = x is not tiny (no underflow): proved (it reaches 2 at x in [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
+#   scale = 1/sqrt(d) is not tiny (no underflow): proved (it reaches 1 at d in [1.0, 16.0, 64.0, 256.0])
 #   log_decay(z) = log(sigmoid(z)) <= 0: proved (its range over z in (-inf, inf) is within (-inf, 0))
+#   d log_decay/dz = sigmoid(-z) is defined for every real z: proved (every log, root and division is defined for z in (-inf, inf))
+#   log_decay(z) = log(sigmoid(z)) stays within float32's range: proved (every part of it lies within +-1e+15 for z in [-16, 16])
 #
 # The chunk form's launch schedule (the plan's stage graph, in launch order; the parallel form is
 # one forward and two backward launches):

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .codegen import render, write_atomic
+from .codegen import check_name_early, render, write_atomic
 from .planner import plan
 from .spec import SpecError, load_spec
 
@@ -54,6 +54,7 @@ def _render_all(paths: Sequence[str]) -> dict[str, str]:
     sources: dict[str, str] = {}
     for path in paths:
         spec = load_spec(path)
+        check_name_early(spec)
         if spec.name in out:
             raise SpecError(path, "name", f"{spec.name!r} is also the name of {sources[spec.name]}")
         out[spec.name] = render(plan(spec), spec.source)

@@ -6,6 +6,7 @@ import ast
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import tempfile
@@ -19,7 +20,9 @@ import sympy as sp
 from sympy.printing.str import StrPrinter
 
 from . import __version__
+from .functions import FLOAT32_MAX, FLOAT32_TINY, elu
 from .plan import Elementwise, Plan
+from .planner import _camel as camel
 from .planner import plan as make_plan
 from .spec import Spec, SpecError, load_spec
 
@@ -41,6 +44,20 @@ class _Printer(StrPrinter):
         if template is None:
             raise ValueError(f"no {self.backend} lowering for {name}")
         return template.format(*args)
+
+    def _print(self, expr: object, **kwargs: object) -> str:
+        """A constant that is not a plain number (``exp(-1) - 1``, ``log(1 + E)``) is printed as its value:
+        every backend takes a float literal, while a function of a Python float breaks torch and Triton."""
+        if isinstance(expr, sp.Expr) and expr.is_number and not expr.is_Atom:
+            return self._float(expr)
+        return super()._print(expr, **kwargs)
+
+    @staticmethod
+    def _float(expr: sp.Expr) -> str:
+        value = float(expr.evalf(30))
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX or 0 < abs(value) < FLOAT32_TINY:
+            raise ValueError(f"the constant {expr} = {value!r} is outside float32's range")  # parse_expression refuses
+        return f"({value!r})" if value < 0 else repr(value)
 
     def _print_Integer(self, expr: sp.Integer) -> str:
         return f"{float(expr)!r}"
@@ -81,10 +98,44 @@ class _Printer(StrPrinter):
             return self._lower("sqrt", [self._print(base)])
         if e == -sp.Rational(1, 2):
             return f"(1.0 / {self._lower('sqrt', [self._print(base)])})"
-        if e.is_Integer and 0 < abs(int(e)) <= 4:
-            prod = " * ".join([b] * abs(int(e)))
+        if e.is_Integer and e != 0:
+            # an integer power is a product (by squaring): exact signs, no log of a negative base
+            prod = self._product(b, abs(int(e)))
             return f"({prod})" if int(e) > 0 else f"(1.0 / ({prod}))"
         return self._general_pow(self._print(base), self._print(e))
+
+    @classmethod
+    def _product(cls, b: str, n: int) -> str:
+        if n <= 4:
+            return " * ".join([b] * n)
+        half = f"({cls._product(b, n // 2)})"
+        return f"{half} * {half}" + (f" * {b}" if n % 2 else "")
+
+    def _print_Add(self, expr: sp.Add, order: str | None = None) -> str:
+        """``elu(a) + rest`` as one branch per side, ``a + rest`` or ``exp(a) + (rest - 1)``: elu(x) + 1 is then
+        exp(x) for x <= 0, exact to float32's precision where (exp(x) - 1) + 1 keeps only a few digits."""
+        elus = [t for t in expr.args if isinstance(t, elu)]
+        if len(elus) == 1:
+            a = elus[0].args[0]
+            rest = sp.Add(*[t for t in expr.args if t is not elus[0]])
+            return self._elu_branches(a, a + rest, rest - 1)
+        return super()._print_Add(expr, order=order)
+
+    def _elu_branches(self, a: sp.Expr, pos: sp.Expr, neg_rest: sp.Expr) -> str:
+        raise ValueError(f"no {self.backend} lowering for elu branches")
+
+    def _print_Mul(self, expr: sp.Mul) -> str:
+        """A product with a step factor (the derivative of relu or max at a kink) is 0 where the step is,
+        whatever the other factors are there: ``Heaviside(u) * r`` is ``where(u > 0, r, 0)``, finite even where
+        r is not (``sqrt(relu(x))``'s derivative for x <= 0)."""
+        steps = [f for f in expr.args if isinstance(f, sp.Heaviside)]
+        if steps:
+            rest = sp.Mul(*[f for f in expr.args if f is not steps[0]])
+            return self._guard(self._print(steps[0].args[0]), self._print(rest))
+        return super()._print_Mul(expr)
+
+    def _guard(self, u: str, r: str) -> str:
+        raise ValueError(f"no {self.backend} lowering for Heaviside")
 
     def _general_pow(self, base: str, e: str) -> str:
         raise NotImplementedError
@@ -128,6 +179,19 @@ class TritonPrinter(_Printer):
     def _general_pow(self, base: str, e: str) -> str:
         return f"tl.exp(({e}) * tl.log({base}))"
 
+    def _print_elu(self, expr: sp.Expr) -> str:
+        # expm1 for small |a| by its Taylor series (exp(a) - 1 would keep few digits there)
+        a = self._print(expr.args[0])
+        series = f"{a} * (1.0 + {a} * (0.5 + {a} * ({1 / 6!r} + {a} * ({1 / 24!r} + {a} * {1 / 120!r}))))"
+        return f"tl.where({a} > 0, {a}, tl.where({a} > -0.0625, {series}, tl.exp({a}) - 1.0))"
+
+    def _elu_branches(self, a: sp.Expr, pos: sp.Expr, neg_rest: sp.Expr) -> str:
+        neg = f"tl.exp({self._print(a)})" + ("" if neg_rest == 0 else f" + {self.parenthesize(neg_rest, 50)}")
+        return f"tl.where({self._print(a)} > 0, {self._print(pos)}, {neg})"
+
+    def _guard(self, u: str, r: str) -> str:
+        return f"tl.where({u} > 0, {r}, 0.0)"
+
     def _step(self, x: str) -> str:
         return f"tl.where({x} > 0, 1.0, 0.0)"
 
@@ -164,6 +228,16 @@ class TorchPrinter(_Printer):
     def _general_pow(self, base: str, e: str) -> str:
         return f"torch.pow({base}, {e})"
 
+    def _elu_branches(self, a: sp.Expr, pos: sp.Expr, neg_rest: sp.Expr) -> str:
+        # the exp branch is clamped so that its (discarded) value and gradient stay finite where a > 0
+        pa = self._print(a)
+        neg = f"torch.exp(torch.clamp({pa}, max=0.0))"
+        neg += "" if neg_rest == 0 else f" + {self.parenthesize(neg_rest, 50)}"
+        return f"torch.where({pa} > 0, {self._print(pos)}, {neg})"
+
+    def _guard(self, u: str, r: str) -> str:
+        return f"torch.where({u} > 0, {r}, 0.0)"
+
     def _step(self, x: str) -> str:
         return f"({x} > 0).to(torch.float32)"
 
@@ -178,6 +252,11 @@ class PythonPrinter(_Printer):
     known_functions: ClassVar[dict[str, str]] = {
         "exp": "math.exp({0})",
         "log": "math.log({0})",
+        "sigmoid": "(0.5 + 0.5 * math.tanh(0.5 * {0}))",  # never overflows, unlike 1 / (1 + exp(-a))
+        "softplus": "(max({0}, 0.0) + math.log1p(math.exp(-abs({0}))))",
+        "silu": "({0} * (0.5 + 0.5 * math.tanh(0.5 * {0})))",
+        "elu": "({0} if {0} > 0 else math.expm1({0}))",
+        "relu": "max({0}, 0.0)",
         "sqrt": "math.sqrt({0})",
         "tanh": "math.tanh({0})",
         "Abs": "abs({0})",
@@ -185,13 +264,16 @@ class PythonPrinter(_Printer):
         "Max": "max({0}, {1})",
     }
 
-    def _lower(self, name: str, args: list[str]) -> str:
-        if name not in self.known_functions:
-            raise ValueError(f"scale may use only exp, log, sqrt, tanh, abs, pow, min, max; got {name}")
-        return super()._lower(name, args)
-
     def _general_pow(self, base: str, e: str) -> str:
         return f"({base}) ** ({e})"
+
+    def _elu_branches(self, a: sp.Expr, pos: sp.Expr, neg_rest: sp.Expr) -> str:
+        pa = self._print(a)
+        neg = f"math.exp({pa})" + ("" if neg_rest == 0 else f" + {self.parenthesize(neg_rest, 50)}")
+        return f"({self._print(pos)} if {pa} > 0 else {neg})"
+
+    def _guard(self, u: str, r: str) -> str:
+        return f"({r} if {u} > 0 else 0.0)"
 
 
 def render_elementwise(ew: Elementwise, printer: _Printer) -> list[str]:
@@ -320,6 +402,29 @@ def _saved(p: Plan) -> list[str]:
     return out
 
 
+# Module-level names every generated module binds (imports and the runtime's checks): a spec named so is
+# refused before any planning. _check_names, on the rendered module, stays the authority.
+MODULE_NAMES = frozenset(
+    {"annotations", "math", "torch", "triton", "tl", "launch", "SPEC", "EPS", "FAMILY", "DEFAULT_CHUNK"}
+    | {"check_chunk_size", "check_inputs", "check_scale", "kernel_settings", "lion_reference", "on_device"}
+    | {"resolve_form", "segment_chunks"}
+)
+
+
+def check_name_early(spec: Spec) -> None:
+    """Refuse at once a name that collides with what every generated module binds, or with its own class."""
+    if spec.name in MODULE_NAMES:
+        raise SpecError(
+            spec.source,
+            "name",
+            f"{spec.name!r} collides with a name the generated module uses ({spec.name!r}); choose another name",
+        )
+    if spec.name == camel(spec.name):
+        raise SpecError(
+            spec.source, "name", f"{spec.name!r} collides with its own nn.Module class name ({spec.name!r})"
+        )
+
+
 def _check_names(text: str, p: Plan, source: str) -> None:
     """The function and the class a spec names must be the only module-level bindings of those names."""
     counts: dict[str, int] = {}
@@ -343,6 +448,7 @@ def generate_source(spec: Spec | str | os.PathLike[str]) -> str:
     """The generated module's source for a spec (a Spec or a path to one)."""
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
+    check_name_early(spec)
     return render(make_plan(spec), spec.source)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import networkx as nx
 import sympy as sp
 
-from .functions import RANGES, Interval, increasing, sigmoid, softplus
+from .functions import RANGES, Interval, elu, increasing, shorten, sigmoid, silu, softplus
 from .plan import Elementwise, Plan
 from .spec import Spec, SpecError
 
@@ -76,14 +76,28 @@ def _abs_iv(a: Interval) -> Interval:
     return RANGES[sp.Abs](a)
 
 
-def interval_of(expr: sp.Expr, domain: dict[sp.Symbol, Interval]) -> Interval:
-    """A range for ``expr`` over ``domain`` (sound: the true range lies inside)."""
+def interval_of(
+    expr: sp.Expr, domain: dict[sp.Symbol, Interval], seen: dict[sp.Expr, Interval] | None = None
+) -> Interval:
+    """A range for ``expr`` over ``domain`` (sound: the true range lies inside). ``seen``, when given,
+    collects the range of every subexpression (and saves recomputing shared ones)."""
+    if seen is not None and expr in seen:
+        return seen[expr]
+    iv = _interval(expr, domain, seen)
+    if seen is not None:
+        seen[expr] = iv
+    return iv
+
+
+def _interval(expr: sp.Expr, domain: dict[sp.Symbol, Interval], seen: dict[sp.Expr, Interval] | None) -> Interval:
+    if expr.is_number and not expr.is_Atom:  # a constant such as exp(-1) - 1: its value
+        return Interval.point(float(expr.evalf(20)))
     if expr.is_Number or expr in (sp.pi, sp.E):
         v = float(expr)
         return Interval.point(v)
     if expr.is_Symbol:
         return domain.get(expr, Interval.real())
-    args = [interval_of(a, domain) for a in expr.args]
+    args = [interval_of(a, domain, seen) for a in expr.args]
     if expr.is_Add:
         out = args[0]
         for a in args[1:]:
@@ -95,6 +109,10 @@ def interval_of(expr: sp.Expr, domain: dict[sp.Symbol, Interval]) -> Interval:
             out = _mul(out, a)
         return out
     if expr.is_Pow:
+        if not expr.args[1].is_number:  # b ** e = exp(e log b), for b > 0
+            if not args[0].is_positive():
+                return Interval.real()
+            return RANGES[sp.exp](_mul(args[1], RANGES[sp.log](args[0])))
         return _pow(args[0], expr.args[1])
     if isinstance(expr, (sp.Min, sp.Max)):
         pick: Callable[..., float] = min if isinstance(expr, sp.Min) else max
@@ -125,20 +143,87 @@ def prove(expr: sp.Expr, symbol: sp.Symbol, domain: Interval, want: str) -> tupl
 
 def prove_defined(expr: sp.Expr, symbol: sp.Symbol, domain: Interval) -> tuple[bool, str]:
     """Try to prove ``expr`` is real and finite everywhere on ``domain``: every log argument > 0, every
-    fractional power's base >= 0 (> 0 for negative powers), no division by a range that holds 0."""
-    for sub in sp.preorder_traversal(expr):
-        if isinstance(sub, sp.log):
-            arg = interval_of(sub.args[0], {symbol: domain})
-            if not arg.is_positive():
-                return False, f"the argument of {sub} ranges over {arg}, not only > 0"
-        elif sub.is_Pow:
-            base, e = sub.args
-            arg = interval_of(base, {symbol: domain})
-            if e.is_Integer and e < 0 and not (arg.is_positive() or arg.hi < 0 or (arg.hi == 0 and arg.hi_open)):
-                return False, f"{sub} divides by {base}, whose range {arg} holds 0"
-            if not e.is_Integer and (arg.lo < 0 or (e < 0 and not arg.is_positive())):
-                return False, f"{sub} takes a fractional power of {base}, whose range is {arg}"
+    fractional power's base >= 0 (> 0 for negative powers), no division by a range that holds 0.
+
+    A product with a step factor ``Heaviside(symbol)`` (a derivative of relu or max at a kink) is printed
+    as 0 where the step is 0 (see the printers), so its other factors need to be defined only where
+    ``symbol > 0``."""
+    why = _undefined(expr, symbol, domain)
+    if why is not None:
+        return False, why
     return True, f"every log, root and division is defined for {symbol} in {domain}"
+
+
+def _undefined(expr: sp.Expr, symbol: sp.Symbol, domain: Interval) -> str | None:
+    if expr.is_Mul:
+        steps = [f for f in expr.args if isinstance(f, sp.Heaviside) and f.args[0] == symbol]
+        if steps:
+            if domain.hi <= 0:
+                return None  # the step is 0 on all of domain
+            positive = Interval(max(domain.lo, 0.0), domain.hi, domain.lo_open or domain.lo <= 0, domain.hi_open)
+            rest = sp.Mul(*[f for f in expr.args if f is not steps[0]])
+            return _undefined(rest, symbol, positive)
+    if isinstance(expr, sp.log):
+        arg = interval_of(expr.args[0], {symbol: domain})
+        if not arg.is_positive():
+            return f"the argument of {expr} ranges over {arg}, not only > 0"
+    elif expr.is_Pow:
+        base, e = expr.args
+        arg = interval_of(base, {symbol: domain})
+        if not e.is_number:
+            if not arg.is_positive():
+                return f"{expr} = exp(({e}) log({base})) needs {base} > 0, but its range is {arg}"
+        elif e.is_Integer and e < 0 and not (arg.is_positive() or arg.hi < 0 or (arg.hi == 0 and arg.hi_open)):
+            return f"{expr} divides by {base}, whose range {arg} holds 0"
+        elif not e.is_Integer and (arg.lo < 0 or (e < 0 and not arg.is_positive())):
+            return f"{expr} takes a fractional power of {base}, whose range is {arg}"
+    for a in expr.args:
+        why = _undefined(a, symbol, domain)
+        if why is not None:
+            return why
+    return None
+
+
+# Ordinary inputs: where a spec's expressions must stay well inside float32's range, so that the kernels
+# (which multiply feature maps and sum over a head and a sequence) neither overflow nor lose the answer.
+ORDINARY = 16.0  # |x| and |z| up to this (q, k and gates are of order 1 to 10 in practice)
+ORDINARY_D = Interval(1.0, 256.0)  # head dims
+ORDINARY_BOUND = 1e15  # |value| of every part of phi, log_decay and scale there: phi(q) . phi(k) <= 1e30
+
+
+def prove_bounded(expr: sp.Expr, symbol: sp.Symbol, domain: Interval, bound: float) -> tuple[bool, str]:
+    """Try to prove that every subexpression of ``expr`` stays within [-bound, bound] on ``domain``."""
+    seen: dict[sp.Expr, Interval] = {}
+    interval_of(expr, {symbol: domain}, seen)
+    over = [(sub, iv) for sub, iv in seen.items() if not (-bound <= iv.lo and iv.hi <= bound)]
+    if over:
+        sub, iv = min(over, key=lambda o: (sp.count_ops(o[0]), str(o[0])))
+        return False, f"{sub} ranges over {iv} for {symbol} in {domain}, beyond +-{bound:g}"
+    return True, f"every part of it lies within +-{bound:g} for {symbol} in {domain}"
+
+
+ORDINARY_TINY = 1e-15  # phi must reach this somewhere on ordinary inputs: phi(q) . phi(k) >= 1e-30
+
+
+def prove_not_tiny(expr: sp.Expr, symbol: sp.Symbol, points: tuple[float, ...], tiny: float) -> tuple[bool, str]:
+    """Whether ``expr`` is identically 0 or reaches ``tiny`` in magnitude at one of ``points`` (values it
+    takes, so the check is sound); otherwise every product of two of its values underflows float32."""
+    if expr.is_zero:
+        return True, "it is 0"
+    values = [abs(complex(expr.subs(symbol, sp.Float(v, 20)).evalf(20))) for v in points]
+    if max(values) >= tiny:
+        return True, f"it reaches {max(values):.3g} at {symbol} in {list(points)}"
+    return False, f"it stays below {tiny:g} in magnitude at {symbol} in {list(points)} (at most {max(values):.3g})"
+
+
+def _same_value(a: sp.Expr, b: sp.Expr, symbol: sp.Symbol) -> bool:
+    """Numerically (30 digits, at a few points) whether two expressions agree: bounded time, unlike simplify."""
+    for v in (-20, -3, -0.5, 0, 0.25, 2, 7, 30):
+        point = {symbol: sp.Float(v, 30)}
+        x, y = (complex(e.rewrite(sp.exp).subs(point).evalf(30)) for e in (a, b))
+        if abs(x - y) > 1e-20 * max(1.0, abs(x), abs(y)):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------- derivations
@@ -167,10 +252,38 @@ def stabilize(expr: sp.Expr) -> sp.Expr:
 
 
 def elementwise(expr: sp.Expr, symbol: sp.Symbol, prefix: str) -> Elementwise:
-    """CSE an elementwise expression into named temporaries (deterministic names)."""
+    """CSE an elementwise expression into named temporaries (deterministic names).
+
+    The printers write some arguments more than once (silu(a) as a * sigmoid(a), elu's branches, an integer
+    power as a product of its base): each such argument that is not a symbol or a number gets a temporary
+    of its own, so that nested calls print in size linear in the expression, not exponential."""
     names = sp.numbered_symbols(prefix, real=True)
     steps, (result,) = sp.cse(expr, symbols=names, optimizations="basic")
-    return Elementwise(symbol, expr, tuple(steps), result)
+    out: list[tuple[sp.Symbol, sp.Expr]] = []
+    for sym, e in steps:
+        out.append((sym, _name_repeated(e, names, out)))
+    result = _name_repeated(result, names, out)
+    return Elementwise(symbol, expr, tuple(out), result)
+
+
+def _repeats_its_argument(e: sp.Expr) -> bool:
+    if isinstance(e, (silu, elu, sp.sign)):
+        return True
+    return bool(e.is_Pow and e.args[1].is_Integer and abs(int(e.args[1])) >= 2)
+
+
+def _name_repeated(e: sp.Expr, names: Any, steps: list[tuple[sp.Symbol, sp.Expr]]) -> sp.Expr:
+    """``e`` with every argument a printer repeats moved into a new step (appended to ``steps``)."""
+    if e.is_Atom:
+        return e
+    args = [_name_repeated(a, names, steps) for a in e.args]
+    if _repeats_its_argument(e) and not args[0].is_Atom:
+        sym = next(names)
+        steps.append((sym, args[0]))
+        args[0] = sym
+    if args == list(e.args):
+        return e
+    return e.func(*args, evaluate=False) if e.is_Add or e.is_Mul or e.is_Pow else e.func(*args)
 
 
 def derive_l2_adjoint() -> sp.Expr:
@@ -456,9 +569,12 @@ def _check(spec: Spec, field: str, ok: bool, what: str, how: str, facts: list[st
     if ok:
         facts.append(f"{what}: proved ({how})")
         return
-    if not spec.allow_unproven:
+    if not spec.allow_unproven:  # derived expressions can be long: the message stays one readable line
         raise SpecError(
-            spec.source, field, f"cannot prove {what}: {how} (set allow_unproven: true to accept it with a warning)"
+            spec.source,
+            field,
+            f"cannot prove {shorten(what, 200)}: {shorten(how, 200)} "
+            "(set allow_unproven: true to accept it with a warning)",
         )
     msg = f"{spec.source}: {field}: accepted without proof: {what} ({how})"
     warns.append(msg)
@@ -480,6 +596,20 @@ def plan(spec: Spec) -> Plan:
         if expr is not None:
             ok, how = prove_defined(expr, sym, dom)
             _check(spec, field, ok, what, how, facts, warns)
+    stable_phi = stabilize(phi)
+    dphi = sp.diff(stable_phi, X)
+    ok, how = prove_defined(dphi, X, Interval.real())
+    _check(spec, "feature_map.expr", ok, f"phi'(x) = {dphi} is defined for every real x", how, facts, warns)
+    for field, expr, sym, dom, what in (
+        ("feature_map.expr", stable_phi, X, Interval(-ORDINARY, ORDINARY), f"phi(x) = {phi}"),
+        ("scale", spec.scale, D, ORDINARY_D, f"scale = {spec.scale}"),
+    ):
+        ok, how = prove_bounded(expr, sym, dom, ORDINARY_BOUND)
+        _check(spec, field, ok, f"{what} stays within float32's range", how, facts, warns)
+    ok, how = prove_not_tiny(stable_phi, X, (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0), ORDINARY_TINY)
+    _check(spec, "feature_map.expr", ok, f"phi(x) = {phi} is not tiny (no underflow)", how, facts, warns)
+    ok, how = prove_not_tiny(spec.scale, D, (1.0, 16.0, 64.0, 256.0), ORDINARY_TINY)
+    _check(spec, "scale", ok, f"scale = {spec.scale} is not tiny (no underflow)", how, facts, warns)
     if spec.normalize_rows:
         ok, how = prove(phi, X, Interval.real(), "positive")
         _check(spec, "feature_map.expr", ok, f"phi(x) = {phi} > 0 (normalize_rows: true)", how, facts, warns)
@@ -492,10 +622,16 @@ def plan(spec: Spec) -> Plan:
         ok, how = prove(ld, Z, Interval.real(), "nonpositive")
         _check(spec, "mask.log_decay", ok, f"log_decay(z) = {ld} <= 0", how, facts, warns)
         stable = stabilize(ld)
-        if sp.simplify((stable - ld).rewrite(sp.exp)) != 0:  # pragma: no cover - guards the rules above
+        if stable != ld and not _same_value(stable, ld, Z):  # pragma: no cover - guards the rules above
             raise AssertionError(f"stabilize changed the value of {ld}")
+        dl = sp.diff(stable, Z)
+        ok, how = prove_defined(dl, Z, Interval.real())
+        _check(spec, "mask.log_decay", ok, f"d log_decay/dz = {dl} is defined for every real z", how, facts, warns)
+        zone = Interval(-ORDINARY, ORDINARY)
+        ok, how = prove_bounded(stable, Z, zone, ORDINARY_BOUND)
+        _check(spec, "mask.log_decay", ok, f"log_decay(z) = {ld} stays within float32's range", how, facts, warns)
         log_decay = elementwise(stable, Z, "t")
-        log_decay_grad = elementwise(sp.diff(stable, Z), Z, "t")
+        log_decay_grad = elementwise(dl, Z, "t")
 
     if spec.direction == "causal":
         f_shift, g_shift = 1, 1  # M_ij = exp(c_i - c_j), c = inclusive prefix sum
@@ -525,8 +661,8 @@ def plan(spec: Spec) -> Plan:
         eps=spec.eps,
         default_chunk=spec.chunk_size or DEFAULT_CHUNK,
         scale=spec.scale,
-        feature=elementwise(stabilize(phi), X, "u"),
-        feature_grad=elementwise(sp.diff(stabilize(phi), X), X, "u"),
+        feature=elementwise(stable_phi, X, "u"),
+        feature_grad=elementwise(dphi, X, "u"),
         l2_adjoint=derive_l2_adjoint(),
         log_decay=log_decay,
         log_decay_grad=log_decay_grad,
@@ -535,6 +671,11 @@ def plan(spec: Spec) -> Plan:
         facts=tuple(facts),
         warnings=tuple(warns),
     )
+
+
+def _rename(expr: sp.Expr, name: str) -> sp.Expr:
+    """``expr`` with z renamed, for display: a real symbol, so that nothing is evaluated anew."""
+    return expr.xreplace({Z: sp.Symbol(name, real=True)})
 
 
 def equations(spec: Spec, f_shift: int, g_shift: int) -> tuple[str, ...]:
@@ -546,9 +687,9 @@ def equations(spec: Spec, f_shift: int, g_shift: int) -> tuple[str, ...]:
     ]
     fam = spec.mask.family
     if fam == "selective":
-        eq.append(f"l_t = {spec.mask.log_decay.subs(Z, sp.Symbol('gate[b,t,h]'))}  (<= 0)")
+        eq.append(f"l_t = {_rename(spec.mask.log_decay, 'gate[b,t,h]')}  (<= 0)")
     elif fam == "decay":
-        eq.append(f"l_t = {spec.mask.log_decay.subs(Z, sp.Symbol('gate[h]'))}  (<= 0, every t)")
+        eq.append(f"l_t = {_rename(spec.mask.log_decay, 'gate[h]')}  (<= 0, every t)")
     if fam != "none":
         eq.append("P_m = sum_{s<m} l_s (exclusive prefix sum, fp32, chunk-local in the kernels)")
         eq.append(f"F_m = P_(m+{f_shift}),  G_m = P_(m+{g_shift})")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 import keyword
+import reprlib
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,13 +13,18 @@ from typing import Any
 import sympy as sp
 import yaml
 
-from .functions import ExpressionError, parse_expression
+from .functions import FLOAT32_MAX, ExpressionError, parse_expression, shorten
 
 DIRECTIONS = ("bidirectional", "causal")
 FAMILIES = ("none", "decay", "selective")
 ALIGNMENTS = ("lion", "symmetric")
 NORMALIZE = ("none", "l2")
 MIN_CHUNK, MAX_CHUNK = 16, 256
+# Limits on the file, checked on YAML's event stream before anything is built from it:
+MAX_FILE_BYTES = 64 * 1024
+MAX_YAML_DEPTH = 16  # nesting of mappings and lists
+MAX_YAML_NODES = 1000  # values, counting each use of an alias as a copy of what it names
+MAX_NAME_BYTES = 100  # the name makes file names (<name>.py, and a temporary beside it)
 
 
 class SpecError(ValueError):
@@ -103,18 +111,122 @@ DEFAULTS: dict[str, object] = {
 }
 
 
+class HugeInteger:
+    """An integer literal too long for Python's int() (over 4300 digits): kept as its digit count only."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<a {self.digits}-digit integer>"
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but an over-long integer becomes a HugeInteger instead of a ValueError."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> object:
+        digits = sum(c.isdigit() for c in str(node.value))
+        if digits > 1000:
+            return HugeInteger(digits)
+        return super().construct_yaml_int(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlong = 40
+
+
+def show(value: object) -> str:
+    """A bounded repr for messages: long strings, numbers and nested values are cut, saying so."""
+    if isinstance(value, str):
+        return repr(shorten(value))
+    return shorten(_REPR.repr(value))
+
+
+def _one_line(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong, and where."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = e.problem or e.context or "syntax error"
+        if e.context and e.problem:
+            what = f"{e.problem} ({e.context})"
+        return f"{shorten(' '.join(what.split()), 120)}{where}"
+    return shorten(" ".join(str(e).split()), 120)
+
+
+def _check_events(text: str, source: str) -> None:
+    """Refuse YAML nested too deeply or expanding (through aliases) to too many values, before loading it."""
+    sizes: dict[str, int] = {}
+    stack: list[list[Any]] = [[None, 0]]  # [anchor, size] of each open collection; the root
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                stack.append([event.anchor, 1])
+                if len(stack) - 1 > MAX_YAML_DEPTH:
+                    raise SpecError(source, "<file>", f"nested more than {MAX_YAML_DEPTH} levels deep")
+                continue
+            if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                anchor, size = stack.pop()
+            elif isinstance(event, yaml.ScalarEvent):
+                anchor, size = event.anchor, 1
+            elif isinstance(event, yaml.AliasEvent):
+                anchor, size = None, sizes.get(event.anchor, 1)
+            else:
+                continue
+            if anchor is not None:
+                sizes[anchor] = size
+            stack[-1][1] += size
+            if stack[-1][1] > MAX_YAML_NODES or size > MAX_YAML_NODES:
+                raise SpecError(
+                    source, "<file>", f"has more than {MAX_YAML_NODES} values (counting what each YAML alias repeats)"
+                )
+    except yaml.YAMLError as e:
+        raise SpecError(source, "<file>", f"not valid YAML: {_one_line(e)}") from None
+
+
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec file. Raises SpecError (file, field, reason)."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as e:
         raise SpecError(source, "<file>", f"cannot read: {e.strerror or e}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise SpecError(source, "<file>", f"is {len(raw)} bytes long; a spec is at most {MAX_FILE_BYTES}")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(source, "<file>", f"is not UTF-8 text (byte {e.start})") from None
+    _check_events(text, source)
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
-        raise SpecError(source, "<file>", f"not valid YAML: {e}") from None
+        raise SpecError(source, "<file>", f"not valid YAML: {_one_line(e)}") from None
+    except RecursionError:  # pragma: no cover - _check_events bounds the nesting
+        raise SpecError(source, "<file>", "nested too deeply") from None
     return parse_spec(data, source)
+
+
+def check_name(name: object) -> str | None:
+    """Why ``name`` cannot name a module, a function and a file, or None when it can."""
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        return f"must be a Python identifier, got {show(name)}"
+    if name.startswith("_"):
+        return f"must not start with an underscore, got {show(name)}"
+    if keyword.issoftkeyword(name) or name in dir(builtins):
+        return f"{name!r} is a Python builtin or keyword, which the generated module would shadow; choose another name"
+    if unicodedata.normalize("NFKC", name) != name:
+        return (
+            f"{show(name)} changes under Unicode normalization (NFKC) to "
+            f"{show(unicodedata.normalize('NFKC', name))}, which is the name Python would import; write that"
+        )
+    size = len(name.encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        return f"is {size} bytes long; at most {MAX_NAME_BYTES} (it names the module's file), got {show(name)}"
+    return None
 
 
 def parse_spec(data: object, source: str = "<spec>") -> Spec:
@@ -129,7 +241,8 @@ def parse_spec(data: object, source: str = "<spec>") -> Spec:
         for key in value:
             if key not in allowed:
                 prefix = f"{field}." if field != "<top level>" else ""
-                raise fail(f"{prefix}{key}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
+                shown = shorten(key, 40) if isinstance(key, str) else show(key)
+                raise fail(f"{prefix}{shown}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
         return value
 
     def required(container: dict[str, Any], key: str, field: str) -> object:
@@ -139,27 +252,29 @@ def parse_spec(data: object, source: str = "<spec>") -> Spec:
 
     def choice(value: object, field: str, options: tuple[str, ...]) -> str:
         if not isinstance(value, str) or value not in options:
-            raise fail(field, f"must be one of {', '.join(options)}; got {value!r}")
+            raise fail(field, f"must be one of {', '.join(options)}; got {show(value)}")
         return value
 
     def boolean(value: object, field: str) -> bool:
         if not isinstance(value, bool):
-            raise fail(field, f"must be true or false, got {value!r}")
+            raise fail(field, f"must be true or false, got {show(value)}")
         return value
 
     def expression(value: object, field: str, symbol: str) -> tuple[sp.Expr, str]:
+        if isinstance(value, HugeInteger):
+            raise fail(field, f"the constant {value!r} is beyond float32's range (at most {FLOAT32_MAX:.4g})")
         try:
             expr = parse_expression(value, symbol)
         except ExpressionError as e:
             raise fail(field, str(e)) from None
-        return expr, str(value).strip()
+        return expr, str(value).strip()  # bounded: parse_expression refused longer text
 
     top = mapping(data, "<top level>", TOP_FIELDS)
     name = required(top, "name", "name")
-    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
-        raise fail("name", f"must be a Python identifier, got {name!r}")
-    if name.startswith("_"):
-        raise fail("name", f"must not start with an underscore, got {name!r}")
+    why = check_name(name)
+    if why is not None:
+        raise fail("name", why)
+    assert isinstance(name, str)
 
     direction = choice(top.get("direction", DEFAULTS["direction"]), "direction", DIRECTIONS)
 
@@ -194,16 +309,25 @@ def parse_spec(data: object, source: str = "<spec>") -> Spec:
         try:
             eps = float(eps)
         except ValueError:
-            raise fail("eps", f"must be a number, got {eps!r}") from None
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
-        raise fail("eps", f"must be a finite number >= 0, got {eps!r}")
+            raise fail("eps", f"must be a number, got {show(eps)}") from None
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, HugeInteger)):
+        raise fail("eps", f"must be a finite number >= 0, got {show(eps)}")
+    if isinstance(eps, HugeInteger):
+        raise fail(
+            "eps", f"must be a finite number >= 0 within float32's range (at most {FLOAT32_MAX:.4g}), got {eps!r}"
+        )
+    if not eps >= 0 or eps > FLOAT32_MAX:
+        raise fail(
+            "eps", f"must be a finite number >= 0 within float32's range (at most {FLOAT32_MAX:.4g}), got {show(eps)}"
+        )
 
     chunk_size = top.get("chunk_size", DEFAULTS["chunk_size"])
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise fail("chunk_size", f"must be an integer, got {chunk_size!r}")
-        if chunk_size & (chunk_size - 1) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
-            raise fail("chunk_size", f"must be a power of two from {MIN_CHUNK} to {MAX_CHUNK}, got {chunk_size}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, HugeInteger)):
+            raise fail("chunk_size", f"must be an integer, got {show(chunk_size)}")
+        huge = isinstance(chunk_size, HugeInteger)
+        if huge or not MIN_CHUNK <= chunk_size <= MAX_CHUNK or chunk_size & (chunk_size - 1):
+            raise fail("chunk_size", f"must be a power of two from {MIN_CHUNK} to {MAX_CHUNK}, got {show(chunk_size)}")
 
     return Spec(
         name=name,

@@ -42,6 +42,8 @@ def _tensors(a, b) -> tuple[torch.Tensor, torch.Tensor]:
 
 def elementwise(text: str, symbol: str):
     expr = parse_expression(text, symbol)
+    # a constant part (softplus(1) is log(1 + E)) as its value: the torch functions take only tensors
+    expr = expr.replace(lambda e: e.is_number and not e.is_Atom, lambda e: sp.Float(e.evalf(30), 30))
     fn = sp.lambdify(sp.Symbol(symbol, real=True), expr, modules=[TORCH_FUNCS, "math"])
     return lambda t: fn(t) + torch.zeros_like(t)  # constants broadcast to the tensor's shape
 

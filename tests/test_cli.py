@@ -455,3 +455,98 @@ def test_write_atomic_honours_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+# ---------------------------------------------------------------------------- the issue-9 examples, end to end
+
+
+def spec_text(expr: str = "exp(x)", extra: str = "", name: str = "t", mask: str = "  family: none\n") -> str:
+    return f"name: {name}\nfeature_map:\n  expr: {expr}\nmask:\n{mask}{extra}"
+
+
+SELECTIVE = "  family: selective\n  log_decay: {}\n"
+ISSUE_REFUSALS = {
+    "name-range": (spec_text(name="range"), "name", "builtin"),
+    "name-dict": (spec_text(name="dict"), "name", "builtin"),
+    "name-super": (spec_text(name="super"), "name", "builtin"),
+    "name-fullwidth": (spec_text(name="\uff46oo"), "name", "NFKC"),
+    "name-ligature": (spec_text(name="\ufb01le"), "name", "NFKC"),
+    "name-250": (spec_text(name="a" * 250), "name", "at most 100"),
+    "exp100": (spec_text("exp(x) + exp(100)"), "feature_map.expr", "beyond float32's range"),
+    "scale-10**400": (spec_text(extra="scale: 10**400\n"), "scale", "exponent 400"),
+    "scale-1e39": (spec_text(extra="scale: 1.0e+39\n"), "scale", "beyond float32's range"),
+    "eps-400-digits": (spec_text(extra="eps: " + "4" * 400 + "\n"), "eps", "float32's range"),
+    "chunk-5000-digits": (spec_text(extra="chunk_size: " + "5" * 5000 + "\n"), "chunk_size", "5000-digit"),
+    "min-elu": (spec_text("min(elu(-1), 0)"), "feature_map.expr", "cannot prove phi(x) = -1 + exp(-1) > 0"),
+    "sigmoid-pow-x": (spec_text("sigmoid(x)**x"), "feature_map.expr", "float32's range"),
+    "1000-terms": (spec_text(" + ".join(["exp(x)"] * 1000)), "feature_map.expr", "at most 1000"),
+    "deep-yaml": (spec_text("[" * 4000 + "]" * 4000), "<file>", "nested more than 16"),
+    "9**9**9**9": (spec_text("9**9**9**9"), "feature_map.expr", "exponent 387420489"),
+    "10**10**10": (spec_text(mask=SELECTIVE.format("-z**2 - 10**10**10")), "mask.log_decay", "exponent"),
+    "sqrt-abs": (spec_text("sqrt(abs(x)) + 1"), "feature_map.expr", "phi'(x)"),
+    # found by the fuzzer: x - x cancels inside SymPy, then 0**-1 is zoo (was exit 3, not comparable)
+    "cancelled-zoo": (spec_text("max(((x - x))**-1, min(x, x))"), "feature_map.expr", "not a real number"),
+    "name-torch": (spec_text(name="torch"), "name", "collides"),  # refused before planning (was 2.5 s)
+    "yaml-syntax": ("name: t\nfeature_map: {expr: x\nmask:\n  family: none\n", "<file>", "line 3, column 5"),
+    "alias-bomb": (
+        spec_text(
+            extra="direction: [&a [x, x, x, x, x, x, x, x, x], "
+            + ", ".join(f"&{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in zip("abcdef", "bcdefg", strict=True))
+            + "]\n"
+        ),
+        "<file>",
+        "alias",
+    ),
+}
+
+
+@pytest.mark.parametrize("key", list(ISSUE_REFUSALS))
+def test_issue_examples_exit_2_in_one_line(key, tmp_path, capsys):
+    import time
+
+    text, field, fragment = ISSUE_REFUSALS[key]
+    path = tmp_path / "spec.yaml"
+    path.write_text(text, encoding="utf-8")
+    start = time.perf_counter()
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - start < 2.0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 400, err[:500]
+    assert err.startswith(f"lion-gen: error: {path}: {field}: ") and fragment in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "expr,mask",
+    [
+        ("exp(x) + 1", SELECTIVE.format("-1 - " + "tanh(" * 12 + "z" + ")" * 12)),  # ran past 20 s
+        ("exp(x) + 1", SELECTIVE.format("log(sigmoid(elu(z)))")),  # failed the stabilization assertion
+        ("x**6 + 1", "  family: none\n"),
+        ("sqrt(relu(x)) + 1", "  family: none\n"),
+        ("exp(x) + softplus(1)", "  family: none\n"),
+    ],
+    ids=["tanh12", "log-sigmoid-elu", "x6", "sqrt-relu", "softplus1"],
+)
+def test_issue_examples_that_compile(expr, mask, tmp_path, capsys):
+    import time
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec_text(expr, mask=mask), encoding="utf-8")
+    start = time.perf_counter()
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert time.perf_counter() - start < 20.0
+    assert files_in(tmp_path / "out") == ["t.py"]
+
+
+def test_a_colliding_name_is_refused_before_planning(tmp_path, monkeypatch, capsys):
+    import lion_gen.cli
+
+    def no_planning(spec):
+        raise AssertionError("planned")
+
+    monkeypatch.setattr(lion_gen.cli, "plan", no_planning)
+    path = tmp_path / "spec.yaml"
+    for name in ("torch", "launch", "check_inputs"):
+        path.write_text(spec_text(name=name), encoding="utf-8")
+        assert main([str(path), "--out", str(tmp_path / "out")]) == 2
+        assert "collides" in capsys.readouterr().err

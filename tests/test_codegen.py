@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from lion_gen import generate_source, load
 from lion_gen.codegen import PythonPrinter, TorchPrinter, TritonPrinter, _kernel_args, render, templates_dir
 from lion_gen.functions import REGISTRY, FunctionInfo, parse_expression
 from lion_gen.planner import plan
-from lion_gen.spec import load_spec
+from lion_gen.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
@@ -235,3 +237,105 @@ def test_each_kernel_and_its_launch_take_the_stage_graphs_argument_list(path):
         assert passed == _kernel_args(p, stage, kernel=False), (stage, passed)
         for role, buffer, _ in node["args"]:  # each pointer parameter names a buffer of the stage
             assert buffer in node["reads"] + node["writes"] and f"{role}_ptr" in params
+
+
+# ---------------------------------------------------------------------------- issue 9: printed forms that are right
+
+
+class _TL:
+    """Enough of triton.language, in torch, to evaluate the Triton printer's output on a tensor."""
+
+    import torch as _t
+
+    where = staticmethod(lambda c, a, b: _TL._t.where(c, _TL._t.as_tensor(a), _TL._t.as_tensor(b)))
+    exp, log, sqrt, abs, sigmoid = _t.exp, _t.log, _t.sqrt, _t.abs, _t.sigmoid
+    maximum = staticmethod(lambda a, b: _TL._t.maximum(_TL._t.as_tensor(a), _TL._t.as_tensor(b)))
+    minimum = staticmethod(lambda a, b: _TL._t.minimum(_TL._t.as_tensor(a), _TL._t.as_tensor(b)))
+
+
+def triton_eval(expr: sp.Expr, x: object) -> object:
+    import torch
+
+    names = {"tl": _TL, "x": x, "_softplus": torch.nn.functional.softplus, "_tanh": torch.tanh}
+    return eval(TritonPrinter().doprint(expr), names)  # noqa: S307
+
+
+@pytest.mark.parametrize("text", ["x**6 + 1", "x**5", "x**-7", "(x - 1)**31", "x**32"])
+def test_integer_powers_are_products(text):
+    """Integer powers were exp(n log x) above 4: NaN for x < 0. Now products, right for either sign."""
+    import torch
+
+    expr = parse_expression(text, "x")
+    for printer in (TritonPrinter, TorchPrinter):
+        assert "log" not in printer().doprint(expr)
+    x = torch.tensor([-1.7, -0.3, 0.4, 1.9], dtype=torch.float64)
+    want = [float(expr.subs(X, float(v))) for v in x]
+    assert torch.allclose(triton_eval(expr, x), torch.tensor(want, dtype=torch.float64), rtol=1e-12)
+
+
+def test_elu_plus_one_keeps_its_digits_in_float32():
+    import torch
+
+    expr = parse_expression("elu(x) + 1", "x")
+    x = torch.tensor([-30.0, -12.0, -3.0, -1e-3, 0.0, 2.0])
+    got = triton_eval(expr, x)
+    want = torch.where(x.double() > 0, x.double() + 1, torch.exp(x.double()))
+    assert ((got.double() - want).abs() / want).max() < 1e-6
+    torch_code = TorchPrinter().doprint(expr)
+    assert "elu" not in torch_code and "torch.exp(torch.clamp(x, max=0.0))" in torch_code
+
+
+def test_plain_elu_is_accurate_near_zero():
+    import torch
+
+    x = torch.tensor([-0.06, -1e-3, -1e-6, -0.5])
+    got = triton_eval(parse_expression("elu(x)", "x"), x).double()
+    want = torch.expm1(x.double())
+    assert ((got - want).abs() / want.abs()).max() < 1e-6
+
+
+def test_constants_are_printed_as_numbers():
+    """softplus(1) reached torch.nn.functional.softplus as a Python float; min(elu(-1), 0) was not comparable."""
+    for text, value in [("exp(x) + softplus(1)", math.log1p(math.e)), ("x + min(elu(-1), 0)", math.expm1(-1))]:
+        expr = parse_expression(text, "x")
+        for printer in (TritonPrinter, TorchPrinter, PythonPrinter):
+            out = printer().doprint(expr.subs(X, sp.Symbol("x")) if printer is PythonPrinter else expr)
+            assert "softplus" not in out and "elu" not in out, out
+        assert float(expr.subs(X, 0) - (1 if "exp" in text else 0)) == pytest.approx(value)
+
+
+def test_a_step_times_an_infinity_is_zero():
+    """sqrt(relu(x))'s derivative: Heaviside(x) / (2 sqrt(relu(x))) is 0 for x <= 0, not 0 * inf."""
+    import torch
+
+    deriv = sp.diff(parse_expression("sqrt(relu(x)) + 1", "x"), X)
+    x = torch.tensor([-2.0, 0.0, 0.25, 4.0])
+    got = triton_eval(deriv, x)
+    assert torch.equal(got, torch.tensor([0.0, 0.0, 1.0, 0.25]))
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "softplus", "silu", "elu", "relu"])
+def test_python_printer_lowers_every_function(name):
+    """scale: sigmoid(d) was an internal error (no lowering); each is now printed, and never overflows."""
+    d = sp.Symbol("d", real=True)
+    expr = REGISTRY[name].build(d, evaluate=False)
+    code = PythonPrinter().doprint(expr)
+    for v in (-1000.0, -2.0, 0.5, 3.0, 1000.0):
+        got = eval(code, {"math": math, "d": v})  # noqa: S307
+        want = float(expr.subs(d, v).rewrite(sp.exp).evalf(30))
+        assert math.isclose(got, want, rel_tol=1e-12, abs_tol=1e-300), (name, v, got, want)
+
+
+@pytest.mark.parametrize(
+    "expr", ["silu(" * 23 + "x" + ")" * 23 + " + 2", "elu(" * 20 + "x" + ")" * 20 + " + 2", "((x**2 + 1)**6 + 1)**6"]
+)
+def test_nested_calls_print_in_linear_size(expr):
+    """silu(a) prints a twice, elu's branches three times, a power its base n times: nested, that was
+    exponential (2**23 copies of x, a hang). Each repeated argument now has a temporary of its own."""
+    spec = {"name": "t", "feature_map": {"expr": expr}, "mask": {"family": "none"}, "allow_unproven": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the powers are beyond float32's range: accepted unproven
+        p = plan(parse_spec(spec))
+    for ew in (p.feature, p.feature_grad):
+        lines = [TritonPrinter().doprint(e) for _, e in ew.steps] + [TritonPrinter().doprint(ew.result)]
+        assert sum(len(line) for line in lines) < 40 * len(expr) + 4000

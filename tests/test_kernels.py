@@ -217,14 +217,9 @@ def test_eps_where_it_matters(name, shift, L, form, device, eps_modules):
     compare(mod, 2, L, 2, 32, 16, 16, device, form=form, qk_shift=shift, eps_effect=4e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="elu(x) + 1 is lowered as (exp(x) - 1) + 1: for x ~ -12 float32 keeps only ~3 digits of phi "
-    "(errors 7e-4 in y and every gradient; where(x > 0, x + 1, exp(x)) would keep them all)",
-)
 def test_elu_features_keep_precision(device):
-    """phi = elu(x) + 1 ~ e^-12 is representable to float32 precision; the contract's bar holds there too."""
+    """phi = elu(x) + 1 ~ e^-12 is representable to float32 precision; the contract's bar holds there too
+    (elu(x) + 1 is printed as where(x > 0, x + 1, exp(x)), not as (exp(x) - 1) + 1)."""
     compare("linear_causal", 1, 7, 2, 32, 16, 16, device, qk_shift=-12.0)
 
 

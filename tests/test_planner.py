@@ -621,3 +621,79 @@ def test_scale_must_be_defined_for_every_head_dim():
     with pytest.raises(SpecError) as info:
         plan(spec)
     assert info.value.field == "scale"
+
+
+# ---------------------------------------------------------------------------- issue 9: derivatives and float32 range
+
+
+def test_a_derivative_that_divides_by_zero_is_refused():
+    with pytest.raises(SpecError, match=r"phi'\(x\) = .* is defined") as info:
+        plan(spec_of(feature_map={"expr": "sqrt(abs(x)) + 1"}))
+    assert info.value.field == "feature_map.expr"
+
+
+def test_a_step_guarded_derivative_is_defined():
+    """sqrt(relu(x)): its derivative is Heaviside(x) / (2 sqrt(relu(x))), printed as 0 for x <= 0."""
+    p = plan(spec_of(feature_map={"expr": "sqrt(relu(x)) + 1"}))
+    assert any(f.startswith("phi'(x)") and "proved" in f for f in p.facts)
+
+
+def test_a_log_decay_derivative_is_checked():
+    with pytest.raises(SpecError, match="d log_decay/dz") as info:
+        plan(spec_of(mask={"family": "selective", "log_decay": "-sqrt(abs(z))"}))
+    assert info.value.field == "mask.log_decay"
+
+
+@pytest.mark.parametrize(
+    "fields,field",
+    [
+        ({"feature_map": {"expr": "exp(3*x)"}}, "feature_map.expr"),
+        ({"feature_map": {"expr": "x**13 + 1"}}, "feature_map.expr"),
+        ({"feature_map": {"expr": "sigmoid(x)**x"}}, "feature_map.expr"),  # was exit 3: e < 0 on a symbol
+        ({"mask": {"family": "selective", "log_decay": "-exp(4*z)"}}, "mask.log_decay"),
+        ({"scale": "exp(d)"}, "scale"),
+    ],
+)
+def test_expressions_beyond_float32_on_ordinary_inputs_are_refused(fields, field):
+    with pytest.raises(SpecError, match="float32's range") as info:
+        plan(spec_of(**fields))
+    assert info.value.field == field
+
+
+def test_float32_range_is_an_unproven_fact_under_allow_unproven():
+    with pytest.warns(UnprovenWarning, match="float32's range"):
+        plan(spec_of(feature_map={"expr": "exp(3*x)"}, allow_unproven=True))
+
+
+@pytest.mark.parametrize("text", ["exp(2*x)", "x**12 + 1", "2**x", "sigmoid(x)**2"])
+def test_expressions_within_float32_are_accepted(text):
+    plan(spec_of(feature_map={"expr": text}, normalize_rows=False))
+
+
+def test_twelve_nested_tanh_plan_quickly():
+    import time
+
+    start = time.perf_counter()
+    plan(spec_of(mask={"family": "selective", "log_decay": "-1 - " + "tanh(" * 12 + "z" + ")" * 12}))
+    assert time.perf_counter() - start < 10.0
+
+
+def test_stabilize_is_checked_numerically():
+    """log(sigmoid(elu(z))) failed the symbolic check (simplify left a Piecewise); its value is unchanged."""
+    p = plan(spec_of(mask={"family": "selective", "log_decay": "log(sigmoid(elu(z)))"}))
+    assert "softplus" in str(p.log_decay.expr)
+
+
+def test_variable_exponent_ranges():
+    iv = interval_of(parse_expression("2**x", "x"), {X: Interval(-1.0, 3.0)})
+    assert iv.lo == pytest.approx(0.5) and iv.hi == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize(
+    "fields,field",
+    [({"feature_map": {"expr": "exp(-87)"}}, "feature_map.expr"), ({"scale": "1.2e-38"}, "scale")],
+)
+def test_tiny_feature_maps_and_scales_are_refused(fields, field):
+    with pytest.raises(SpecError, match="is not tiny") as info:
+        plan(spec_of(normalize_rows=False, **fields))
+    assert info.value.field == field

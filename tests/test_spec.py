@@ -382,3 +382,144 @@ def test_yaml_eps_that_is_not_a_number(tmp_path):
         load_spec(path)
     assert info.value.field == "eps"
     assert "number" in info.value.reason
+
+
+# ---------------------------------------------------------------------------- bounded input (issue 9)
+
+
+def timed_refusal(data: object) -> SpecError:
+    """A refusal, within the 2 seconds every refusal must take, with a one-line, bounded message."""
+    import time
+
+    start = time.perf_counter()
+    err = refusal(data, "spec.yaml")
+    assert time.perf_counter() - start < 2.0
+    assert "\n" not in str(err) and len(str(err)) < 400
+    return err
+
+
+@pytest.mark.parametrize(
+    "name,fragment",
+    [
+        ("range", "builtin or keyword"),
+        ("dict", "builtin or keyword"),
+        ("super", "builtin or keyword"),
+        ("print", "builtin or keyword"),
+        ("match", "builtin or keyword"),  # a soft keyword
+        ("\uff46oo", "NFKC"),  # full-width f: Python imports it as foo
+        ("\ufb01le", "NFKC"),  # the ligature fi
+        ("a" * 250, "at most 100"),
+        ("\u00e9" * 60, "at most 100"),  # 120 bytes in UTF-8
+    ],
+    ids=["range", "dict", "super", "print", "match", "fullwidth", "ligature", "long", "long-utf8"],
+)
+def test_names_that_break_the_module_are_refused(name, fragment):
+    err = timed_refusal(variant({"name": name}))
+    assert err.field == "name" and fragment in err.reason
+
+
+def test_a_non_ascii_name_that_normalization_keeps_is_accepted():
+    assert parse_spec(variant({"name": "caf\u00e9"})).name == "caf\u00e9"
+
+
+@pytest.mark.parametrize(
+    "changes,field,fragment",
+    [
+        ({"feature_map.expr": "9**9**9**9"}, "feature_map.expr", "exponent 387420489"),
+        ({"mask.log_decay": "-z**2 - 10**10**10"}, "mask.log_decay", "exponent 10000000000"),
+        ({"feature_map.expr": "x**33 + 1"}, "feature_map.expr", "larger than 32"),
+        ({"feature_map.expr": "exp(x) + exp(100)"}, "feature_map.expr", "exp(100) in 'exp(x) + exp(100)' is beyond"),
+        ({"feature_map.expr": "exp(x) + 1e-50"}, "feature_map.expr", "below float32's smallest normal"),
+        ({"scale": 10**400}, "scale", "beyond float32's range"),
+        ({"scale": "1e20 * 1e20 / sqrt(d)"}, "scale", "beyond float32's range"),
+        ({"scale": "1e39"}, "scale", "beyond float32's range"),
+        ({"feature_map.expr": "exp(x) + log(-1)"}, "feature_map.expr", "not a real number"),
+        ({"feature_map.expr": "x/0"}, "feature_map.expr", "divides by zero"),
+        ({"feature_map.expr": " + ".join(["exp(x)"] * 1000)}, "feature_map.expr", "characters long; at most 1000"),
+        ({"feature_map.expr": "+".join(["x"] * 300)}, "feature_map.expr", "more than 200"),
+        ({"feature_map.expr": "exp(" * 30 + "x" + ")" * 30}, "feature_map.expr", "nested more than 24"),
+        ({"feature_map.expr": "(" * 300 + "x" + ")" * 300}, "feature_map.expr", "does not parse"),
+        ({"feature_map.expr": "-" * 990 + "x"}, "feature_map.expr", "nested"),
+        ({"eps": 10**400}, "eps", "within float32's range"),
+        ({"eps": 1e39}, "eps", "within float32's range"),
+        ({"chunk_size": 10**400}, "chunk_size", "power of two"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 30 else None,
+)
+def test_bounded_expressions_and_numbers(changes, field, fragment):
+    err = timed_refusal(variant(changes))
+    assert err.field == field and fragment in err.reason
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_refusal(path: Path) -> SpecError:
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert time.perf_counter() - start < 2.0
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+    return info.value
+
+
+MINIMAL = "name: t\nfeature_map:\n  expr: exp(x)\nmask:\n  family: none\n"
+
+
+def test_a_5000_digit_chunk_size_is_refused(tmp_path):
+    err = load_refusal(write(tmp_path, MINIMAL + "chunk_size: " + "1" * 5000 + "\n"))
+    assert err.field == "chunk_size" and "<a 5000-digit integer>" in err.reason
+
+
+def test_a_400_digit_eps_is_refused(tmp_path):
+    err = load_refusal(write(tmp_path, MINIMAL + "eps: " + "9" * 400 + "\n"))
+    assert err.field == "eps" and "float32's range" in err.reason
+
+
+def test_deeply_nested_yaml_is_refused(tmp_path):
+    err = load_refusal(write(tmp_path, MINIMAL.replace("exp(x)", "[" * 5000 + "]" * 5000)))
+    assert err.field == "<file>" and "nested more than 16" in err.reason
+
+
+def test_an_alias_bomb_in_an_echoed_field_is_refused(tmp_path):
+    """7 levels of 9 aliases each: 4.8 million values in about 700 bytes, in a field whose error echoes it."""
+    levels = ["&a [x, x, x, x, x, x, x, x, x]"]
+    for prev, cur in zip("abcdef", "bcdefg", strict=True):
+        levels.append(f"&{cur} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    text = MINIMAL + "direction: [" + ", ".join(levels) + "]\n"
+    assert len(text) < 800
+    err = load_refusal(write(tmp_path, text))
+    assert err.field == "<file>" and "alias" in err.reason
+
+
+def test_a_few_aliases_are_fine_and_their_echo_is_cut(tmp_path):
+    text = MINIMAL + "direction: [&a [" + ", ".join(["long_value"] * 40) + "], *a, *a]\n"
+    err = load_refusal(write(tmp_path, text))
+    assert err.field == "direction" and "..." in err.reason
+
+
+def test_yaml_syntax_errors_are_one_line(tmp_path):
+    err = load_refusal(write(tmp_path, "name: t\nfeature_map: {expr: x\nmask:\n  family: none\n"))
+    assert err.field == "<file>" and "line 3, column 5" in err.reason
+
+
+def test_a_huge_file_is_refused(tmp_path):
+    err = load_refusal(write(tmp_path, MINIMAL + "#" * 70000 + "\n"))
+    assert err.field == "<file>" and "at most 65536" in err.reason
+
+
+def test_constant_functions_evaluate():
+    """Constants built from the registry's own functions are numbers SymPy can compare (min(elu(-1), 0))."""
+    phi = parse_spec(variant({"feature_map.expr": "exp(x) + min(elu(-1), 0) + 1"})).feature_map.expr
+    assert float(phi.subs(X, 0)) == pytest.approx(1 + math.expm1(-1) + 1)
+    assert parse_spec(variant({"feature_map.expr": "exp(x) + softplus(1)"})).feature_map.expr.free_symbols == {X}
+
+
+def test_a_variable_exponent_is_a_power_of_e():
+    phi = parse_spec(variant({"feature_map.expr": "sigmoid(x)**x"})).feature_map.expr
+    assert phi.func == sp.exp
