@@ -545,6 +545,42 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Te
     )
 
 
+def _torch_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """The chunkwise form in plain torch (form="torch"): the same potentials and carried states as the
+    kernels, as batched matmuls over chunks of ``chunk`` rows, differentiated by torch's autograd.
+
+    Computes in float32 (float64 stays float64) and returns the dtype of v.
+    """
+    dt = torch.promote_types(q.dtype, torch.float32)
+    B, L, H, DK = q.shape
+    DV = v.shape[-1]
+
+    def phi(x: torch.Tensor) -> torch.Tensor:  # (B, L, H, D) -> (B, H, L, D)
+        f = _feature_torch(x.to(dt))
+        return f.transpose(1, 2)
+
+    Q = _scale(DK) * phi(q)
+    K = phi(k)
+    V = v.to(dt).transpose(1, 2)
+    C = chunk
+    N = -(-L // C)
+    pad = N * C - L
+    if pad:  # zero keys and values (and log-gates 0) past the end contribute nothing
+        Q, K, V = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (Q, K, V))
+    Qc = Q.reshape(B, H, N, C, DK)
+    Kc = K.reshape(B, H, N, C, DK)
+    Vc = V.reshape(B, H, N, C, V.shape[-1])
+    idx = torch.arange(C, device=q.device)
+    lower = idx[:, None] > idx[None, :]
+    causal = torch.ones(C, C, dtype=dt, device=q.device).tril()  # no mask, causal: ones on and below the diagonal
+    out = ((Qc @ Kc.transpose(-1, -2)) * causal) @ Vc
+    S = Kc.transpose(-1, -2) @ Vc  # each chunk's K^T V'
+    out = out + Qc @ (S.cumsum(2) - S)  # the state entering each chunk: the sum over the chunks before it
+    out = out.reshape(B, H, N * C, out.shape[-1])[:, :, :L]
+    out = out.transpose(1, 2)
+    return out.to(v.dtype)
+
+
 class _Schedule:
     """Sizes of the sequence-parallel chunk form: chunks, segments of SEG chunks, the states' dtype."""
 
@@ -717,15 +753,18 @@ def linear_causal(
 
     q, k: (B, L, H, Dk) raw projections (the feature map is applied inside); v: (B, L, H, Dv);
     gate: must be None (no mask).
-    Returns (B, L, H, Dv) in the dtype of v. form: "auto" (= "chunk" for now), "chunk" (linear in L),
-    "parallel" (tiled attention form, for short sequences) or "reference" (materialized, plain torch).
-    chunk_size: the chunk (chunk form) or tile (parallel form) length, a power of two from 16 to 256.
+    Returns (B, L, H, Dv) in the dtype of v. form: "auto" ("chunk" on CUDA tensors, "torch" elsewhere),
+    "chunk" (Triton kernels, linear in L), "parallel" (tiled attention form, for short sequences), "torch"
+    (the chunkwise form in plain torch, any device) or "reference" (materialized, plain torch).
+    chunk_size: the chunk (chunk and torch forms) or tile (parallel form) length, a power of two from 16 to 256.
     """
     shape = check_inputs(q, k, v, gate, FAMILY)
-    algorithm = resolve_form(form)
+    algorithm = resolve_form(form, q.device)
     if algorithm == "reference":
         check_chunk_size(chunk_size, DEFAULT_CHUNK)
         return _reference(q, k, v, gate)
+    if algorithm == "torch":
+        return _torch_chunk(q, k, v, gate, check_chunk_size(chunk_size, DEFAULT_CHUNK))
     st = kernel_settings(q, shape, chunk_size, DEFAULT_CHUNK)
     return _Function.apply(q, k, v, gate, shape, st, algorithm)
 
