@@ -548,11 +548,13 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Te
     )
 
 
-def _torch_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, chunk: int) -> torch.Tensor:
+def _torch_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, chunk: int, normalize: bool = True):
     """The chunkwise form in plain torch (form="torch"): the same potentials and carried states as the
     kernels, as batched matmuls over chunks of ``chunk`` rows, differentiated by torch's autograd.
 
-    Computes in float32 (float64 stays float64) and returns the dtype of v.
+    Computes in float32 (float64 stays float64) and returns the dtype of v. ``normalize=False`` returns the
+    numerator (B, L, H, Dv) and the row sums n (B, L, H) in the compute dtype instead, so that
+    several scans of one sequence can be summed before the division (lion_gen.nn's natural orders).
     """
     dt = torch.promote_types(q.dtype, torch.float32)
     B, L, H, DK = q.shape
@@ -569,6 +571,8 @@ def _torch_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.
     # no mask, both directions: one global state K^T V' (lion_math.md section 3.3, LIT)
     out = Q @ (K.transpose(-1, -2) @ V)
     out = out.transpose(1, 2)
+    if not normalize:
+        return out[..., :DV], out[..., DV]
     return (out[..., :DV] / (out[..., DV:] + EPS)).to(v.dtype)
 
 

@@ -867,11 +867,13 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Te
     )
 
 
-def _torch_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, chunk: int) -> torch.Tensor:
+def _torch_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, chunk: int, normalize: bool = True):
     """The chunkwise form in plain torch (form="torch"): the same potentials and carried states as the
     kernels, as batched matmuls over chunks of ``chunk`` rows, differentiated by torch's autograd.
 
-    Computes in float32 (float64 stays float64) and returns the dtype of v.
+    Computes in float32 (float64 stays float64) and returns the dtype of v. ``normalize=False`` returns the
+    numerator (B, L, H, Dv) and the row sums n (B, L, H) in the compute dtype instead, so that
+    several scans of one sequence can be summed before the division (lion_gen.nn's natural orders).
     """
     dt = torch.promote_types(q.dtype, torch.float32)
     B, L, H, DK = q.shape
@@ -925,6 +927,8 @@ def _torch_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.
     out = out + torch.exp(tot[..., None] - Gl)[..., None] * (Qc @ HB)
     out = out.reshape(B, H, N * C, out.shape[-1])[:, :, :L]
     out = out.transpose(1, 2)
+    if not normalize:
+        return out[..., :DV], out[..., DV]
     return (out[..., :DV] / (out[..., DV:] + EPS)).to(v.dtype)
 
 
