@@ -564,7 +564,7 @@ def _torch_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.
     Q = _scale(DK) * phi(q)
     K = phi(k)
     V = v.to(dt).transpose(1, 2)
-    C = chunk
+    C = min(chunk, max(16, 1 << (L - 1).bit_length()))  # a sequence shorter than the chunk: one chunk of it, padded to 2^k
     N = -(-L // C)
     pad = N * C - L
     if pad:  # zero keys and values (and log-gates 0) past the end contribute nothing
@@ -573,11 +573,11 @@ def _torch_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.
     Kc = K.reshape(B, H, N, C, DK)
     Vc = V.reshape(B, H, N, C, V.shape[-1])
     idx = torch.arange(C, device=q.device)
-    lower = idx[:, None] > idx[None, :]
-    causal = torch.ones(C, C, dtype=dt, device=q.device).tril()  # no mask, causal: ones on and below the diagonal
+    causal = (idx[:, None] >= idx[None, :]).to(dt)  # no mask, causal: ones on and below the diagonal
     out = ((Qc @ Kc.transpose(-1, -2)) * causal) @ Vc
-    S = Kc.transpose(-1, -2) @ Vc  # each chunk's K^T V'
-    out = out + Qc @ (S.cumsum(2) - S)  # the state entering each chunk: the sum over the chunks before it
+    if N > 1:
+        S = Kc.transpose(-1, -2) @ Vc  # each chunk's K^T V'
+        out = out + Qc @ (S.cumsum(2) - S)  # the state entering each chunk: the sum over the chunks before it
     out = out.reshape(B, H, N * C, out.shape[-1])[:, :, :L]
     out = out.transpose(1, 2)
     if not normalize:
@@ -744,6 +744,68 @@ class _Function(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+# torch.compile: the kernel forms as torch custom ops (torch.library), opaque to dynamo, with fake-tensor
+# rules (shapes only) and an autograd rule. The backward op recomputes the forward's saved states (one more
+# forward pass) so that only tensors of fixed shapes cross the op boundary. Used only while compiling.
+_OP = f"lion_gen::linear_causal_{id(_FORWARD):x}"  # unique per loaded module (a spec may be loaded twice)
+
+
+@torch.library.custom_op(_OP + "_fwd", mutates_args=())
+def _op_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, algorithm: str, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = check_inputs(q, k, v, gate, FAMILY)
+    st = kernel_settings(q, shape, chunk, DEFAULT_CHUNK)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    with on_device(q):
+        y, n, _ = _FORWARD[algorithm](q, k, v, gate, shape, st)
+    return y, n
+
+
+@_op_forward.register_fake
+def _(q, k, v, gate, algorithm, chunk):
+    return torch.empty_like(v), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op(_OP + "_bwd", mutates_args=())
+def _op_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    dy: torch.Tensor,
+    algorithm: str,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = check_inputs(q, k, v, gate, FAMILY)
+    st = kernel_settings(q, shape, chunk, DEFAULT_CHUNK)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    with on_device(q):
+        y, n, saved = _FORWARD[algorithm](q, k, v, gate, shape, st)
+        grads = _BACKWARD[algorithm](q, k, v, gate, y, n, dy.contiguous(), saved, shape, st)
+    return tuple(grads[:3])
+
+
+@_op_backward.register_fake
+def _(q, k, v, gate, dy, algorithm, chunk):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _op_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:3])
+    ctx.algorithm, ctx.chunk = inputs[4], inputs[5]
+
+
+def _op_grad(ctx, dy, dn):
+    q, k, v = ctx.saved_tensors
+    gate = None
+    grads = _op_backward(q, k, v, gate, dy, ctx.algorithm, ctx.chunk)
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd(_OP + "_fwd", _op_grad, setup_context=_op_setup)
+
+
 def linear_causal(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -770,6 +832,8 @@ def linear_causal(
     if algorithm == "torch":
         return _torch_chunk(q, k, v, gate, check_chunk_size(chunk_size, DEFAULT_CHUNK))
     st = kernel_settings(q, shape, chunk_size, DEFAULT_CHUNK)
+    if torch.compiler.is_compiling():
+        return _op_forward(q, k, v, gate, algorithm, st.chunk)[0]
     return _Function.apply(q, k, v, gate, shape, st, algorithm)
 
 

@@ -252,7 +252,10 @@ class VisionTransformer(nn.Module):
     Patch embedding (a strided Conv2d), a learned positional embedding, a class token (``pool="cls"``) or mean
     pooling (``pool="mean"``), ``depth`` pre-norm blocks, a final LayerNorm and a Linear head.
     ``order``: "sequence" (row-major patches) or "snake" (LION-D/S natural orders: row and column snakes, each
-    scan with its own gates). Decay half-lives default to 1 .. the number of tokens.
+    scan with its own gates). Decay half-lives default to 1 .. the number of tokens. ``init``: "vit" (Linear
+    weights truncated-normal with std 0.02, zero biases) or "torch" (PyTorch's defaults); the gates keep
+    LION's initialisation either way. ``pos_std``: the positional embedding's std (a small data set with few
+    updates learns much faster with 1.0, examples/demo.py).
     """
 
     def __init__(
@@ -273,8 +276,12 @@ class VisionTransformer(nn.Module):
         form: str = "auto",
         chunk_size: int | None = None,
         half_lives: tuple[float, float] | None = None,
+        init: str = "vit",
+        pos_std: float = 0.02,
     ) -> None:
         super().__init__()
+        if init not in ("vit", "torch"):
+            raise ValueError(f"init must be 'vit' or 'torch', got {init!r}")
         if image_size % patch_size:
             raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
         if pool not in ("cls", "mean"):
@@ -288,7 +295,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if prefix else None
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=pos_std, a=-2 * pos_std, b=2 * pos_std)
         kw = {}
         if op != "softmax":
             orders = snake_orders(side, side, prefix) if order == "snake" else None
@@ -299,8 +306,9 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
-        _mark_gates(self)
-        _init_weights(self)
+        if init == "vit":
+            _mark_gates(self)
+            _init_weights(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, patches, dim), row-major
