@@ -919,11 +919,11 @@ def _torch_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.
         W = torch.exp(torch.where(n_idx[:, None] > n_idx[None, :], Y, ninf))
         # forward: states summed over each chunk to its end, carried into later chunks, read with exp(F_i - F_st)
         S = (Kc * torch.exp(tot[..., None] - Fl)[..., None]).transpose(-1, -2) @ Vc  # (B, H, N, DK, DV')
-        HF = (W @ S.flatten(-2)).view(S.shape)
+        HF = (W @ S.flatten(-2)).reshape(S.shape)
         out = out + torch.exp(Fl)[..., None] * (Qc @ HF)
         # backward: states summed from each chunk's start, carried into earlier chunks (W transposed)
         T = (Kc * torch.exp(Gl)[..., None]).transpose(-1, -2) @ Vc
-        HB = (W.transpose(-1, -2) @ T.flatten(-2)).view(T.shape)
+        HB = (W.transpose(-1, -2) @ T.flatten(-2)).reshape(T.shape)
         out = out + torch.exp(tot[..., None] - Gl)[..., None] * (Qc @ HB)
     out = out.reshape(B, H, N * C, out.shape[-1])[:, :, :L]
     out = out.transpose(1, 2)

@@ -54,11 +54,13 @@ def check_compiled(model: torch.nn.Module, x: torch.Tensor, backend: str, rtol: 
         torch.testing.assert_close(grads_c[n], p.grad, rtol=rtol, atol=rtol * 1e-1, msg=n)
 
 
-# inductor (the default backend) for one model; aot_eager (the same graph capture and autograd, without
-# inductor's code generation, which takes minutes on a 2-core CPU) for the others.
+# inductor (the default backend) for one model; dynamo alone ("eager": the same graph capture, checked for
+# breaks by explain) for the others, since inductor's code generation takes minutes on a 2-core CPU. aot_eager
+# fails on these models' backward in torch 2.13 ("view size is not compatible with input tensor's size and
+# stride" inside its traced backward graph) while eager autograd and inductor agree.
 @pytest.mark.parametrize(
     "name,order,backend",
-    [("lion_s", "snake", "inductor"), ("lion_s", "sequence", "aot_eager"), ("lion_d", "snake", "aot_eager")],
+    [("lion_s", "snake", "inductor"), ("lion_s", "sequence", "eager"), ("lion_d", "snake", "eager")],
 )
 def test_vit_torch_form_compiles_without_graph_breaks(name, order, backend):
     model = vit(name, order, "torch", "cpu")
