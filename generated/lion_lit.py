@@ -568,6 +568,34 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Te
     )
 
 
+def _torch_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, chunk: int, normalize: bool = True):
+    """The chunkwise form in plain torch (form="torch"): the same potentials and carried states as the
+    kernels, as batched matmuls over chunks of ``chunk`` rows, differentiated by torch's autograd.
+
+    Computes in float32 (float64 stays float64) and returns the dtype of v. ``normalize=False`` returns the
+    numerator (B, L, H, Dv) and the row sums n (B, L, H) in the compute dtype instead, so that
+    several scans of one sequence can be summed before the division (lion_gen.nn's natural orders).
+    """
+    dt = torch.promote_types(q.dtype, torch.float32)
+    B, L, H, DK = q.shape
+    DV = v.shape[-1]
+
+    def phi(x: torch.Tensor) -> torch.Tensor:  # (B, L, H, D) -> (B, H, L, D)
+        f = _feature_torch(x.to(dt))
+        return f.transpose(1, 2)
+
+    Q = _scale(DK) * phi(q)
+    K = phi(k)
+    V = v.to(dt).transpose(1, 2)
+    V = torch.cat([V, V.new_ones(B, H, L, 1)], -1)  # V' = [V, 1]: the last column is the row sum n
+    # no mask, both directions: one global state K^T V' (lion_math.md section 3.3, LIT)
+    out = Q @ (K.transpose(-1, -2) @ V)
+    out = out.transpose(1, 2)
+    if not normalize:
+        return out[..., :DV], out[..., DV]
+    return (out[..., :DV] / (out[..., DV:] + EPS)).to(v.dtype)
+
+
 class _Schedule:
     """Sizes of the sequence-parallel chunk form: chunks, segments of SEG chunks, the states' dtype, and
     the buffers that pass between its launches."""
@@ -692,6 +720,68 @@ class _Function(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+# torch.compile: the kernel forms as torch custom ops (torch.library), opaque to dynamo, with fake-tensor
+# rules (shapes only) and an autograd rule. The backward op recomputes the forward's saved states (one more
+# forward pass) so that only tensors of fixed shapes cross the op boundary. Used only while compiling.
+_OP = f"lion_gen::lion_lit_{id(_FORWARD):x}"  # unique per loaded module (a spec may be loaded twice)
+
+
+@torch.library.custom_op(_OP + "_fwd", mutates_args=())
+def _op_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, algorithm: str, chunk: int
+) -> torch.Tensor:
+    shape = check_inputs(q, k, v, gate, FAMILY)
+    st = kernel_settings(q, shape, chunk, DEFAULT_CHUNK)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    with on_device(q):
+        y, _, _ = _FORWARD[algorithm](q, k, v, gate, shape, st)
+    return y
+
+
+@_op_forward.register_fake
+def _(q, k, v, gate, algorithm, chunk):
+    return torch.empty_like(v)
+
+
+@torch.library.custom_op(_OP + "_bwd", mutates_args=())
+def _op_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    dy: torch.Tensor,
+    algorithm: str,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = check_inputs(q, k, v, gate, FAMILY)
+    st = kernel_settings(q, shape, chunk, DEFAULT_CHUNK)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    with on_device(q):
+        y, n, saved = _FORWARD[algorithm](q, k, v, gate, shape, st)
+        grads = _BACKWARD[algorithm](q, k, v, gate, y, n, dy.contiguous(), saved, shape, st)
+    return tuple(grads[:3])
+
+
+@_op_backward.register_fake
+def _(q, k, v, gate, dy, algorithm, chunk):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _op_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:3])
+    ctx.algorithm, ctx.chunk = inputs[4], inputs[5]
+
+
+def _op_grad(ctx, dy):
+    q, k, v = ctx.saved_tensors
+    gate = None
+    grads = _op_backward(q, k, v, gate, dy, ctx.algorithm, ctx.chunk)
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd(_OP + "_fwd", _op_grad, setup_context=_op_setup)
+
+
 def lion_lit(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -705,16 +795,21 @@ def lion_lit(
 
     q, k: (B, L, H, Dk) raw projections (the feature map is applied inside); v: (B, L, H, Dv);
     gate: must be None (no mask).
-    Returns (B, L, H, Dv) in the dtype of v. form: "auto" (= "chunk" for now), "chunk" (linear in L),
-    "parallel" (tiled attention form, for short sequences) or "reference" (materialized, plain torch).
-    chunk_size: the chunk (chunk form) or tile (parallel form) length, a power of two from 16 to 256.
+    Returns (B, L, H, Dv) in the dtype of v. form: "auto" ("chunk" on CUDA tensors, "torch" elsewhere),
+    "chunk" (Triton kernels, linear in L), "parallel" (tiled attention form, for short sequences), "torch"
+    (the chunkwise form in plain torch, any device) or "reference" (materialized, plain torch).
+    chunk_size: the chunk (chunk and torch forms) or tile (parallel form) length, a power of two from 16 to 256.
     """
     shape = check_inputs(q, k, v, gate, FAMILY)
-    algorithm = resolve_form(form)
+    algorithm = resolve_form(form, q.device)
     if algorithm == "reference":
         check_chunk_size(chunk_size, DEFAULT_CHUNK)
         return _reference(q, k, v, gate)
+    if algorithm == "torch":
+        return _torch_chunk(q, k, v, gate, check_chunk_size(chunk_size, DEFAULT_CHUNK))
     st = kernel_settings(q, shape, chunk_size, DEFAULT_CHUNK)
+    if torch.compiler.is_compiling():
+        return _op_forward(q, k, v, gate, algorithm, st.chunk)
     return _Function.apply(q, k, v, gate, shape, st, algorithm)
 
 

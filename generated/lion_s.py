@@ -905,6 +905,71 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Te
     )
 
 
+def _torch_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, chunk: int, normalize: bool = True):
+    """The chunkwise form in plain torch (form="torch"): the same potentials and carried states as the
+    kernels, as batched matmuls over chunks of ``chunk`` rows, differentiated by torch's autograd.
+
+    Computes in float32 (float64 stays float64) and returns the dtype of v. ``normalize=False`` returns the
+    numerator (B, L, H, Dv) and the row sums n (B, L, H) in the compute dtype instead, so that
+    several scans of one sequence can be summed before the division (lion_gen.nn's natural orders).
+    """
+    dt = torch.promote_types(q.dtype, torch.float32)
+    B, L, H, DK = q.shape
+    DV = v.shape[-1]
+
+    def phi(x: torch.Tensor) -> torch.Tensor:  # (B, L, H, D) -> (B, H, L, D)
+        f = _feature_torch(x.to(dt))
+        f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return f.transpose(1, 2)
+
+    Q = _scale(DK) * phi(q)
+    K = phi(k)
+    V = v.to(dt).transpose(1, 2)
+    V = torch.cat([V, V.new_ones(B, H, L, 1)], -1)  # V' = [V, 1]: the last column is the row sum n
+    C = min(chunk, max(16, 1 << (L - 1).bit_length()))  # a sequence shorter than the chunk: one chunk of it, padded to 2^k
+    N = -(-L // C)
+    pad = N * C - L
+    if pad:  # zero keys and values (and log-gates 0) past the end contribute nothing
+        Q, K, V = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (Q, K, V))
+    Qc = Q.reshape(B, H, N, C, DK)
+    Kc = K.reshape(B, H, N, C, DK)
+    Vc = V.reshape(B, H, N, C, V.shape[-1])
+    idx = torch.arange(C, device=q.device)
+    lg = _log_decay_torch(gate.to(dt)).transpose(1, 2)  # (B, H, L)
+    lg = torch.nn.functional.pad(lg, (0, pad)).reshape(lg.shape[0], H, N, C)
+    # chunk-local potentials (lion_math.md 3.1) relative to P at the chunk's start: F_i = P_(i+0), G_i = P_(i+1)
+    incl = lg.cumsum(-1)
+    Ploc = torch.cat([torch.zeros_like(incl[..., :1]), incl], -1)  # (.., C + 1)
+    Fl = Ploc[..., 0 : 0 + C]
+    Gl = Ploc[..., 1 : 1 + C]
+    tot = incl[..., -1]  # (.., N): log of the product of the chunk's gates
+    ninf = torch.tensor(float("-inf"), dtype=dt, device=q.device)
+    # intra-chunk mask from pairwise differences (every exponent <= 0; never factored across a chunk)
+    lower, upper = idx[:, None] > idx[None, :], idx[:, None] < idx[None, :]
+    logm = torch.where(lower, Fl[..., :, None] - Fl[..., None, :], torch.where(upper, Gl[..., None, :] - Gl[..., :, None], 0.0))
+    out = ((Qc @ Kc.transpose(-1, -2)) * torch.exp(logm)) @ Vc
+    if N > 1:  # states carried between chunks
+        # chunk-to-chunk decays W[n, m] = exp(sum of tot over the chunks strictly between m and n), m < n
+        n_idx = torch.arange(N, device=q.device)
+        X = tot[..., :, None].expand(*tot.shape, N)  # X[s, m] = tot_s
+        Y = torch.where(n_idx[:, None] > n_idx[None, :], X, 0.0).cumsum(-2)  # Y[n, m] = sum_{m < s <= n} tot_s
+        Y = torch.cat([torch.zeros_like(Y[..., :1, :]), Y[..., :-1, :]], -2)  # sum_{m < s < n}
+        W = torch.exp(torch.where(n_idx[:, None] > n_idx[None, :], Y, ninf))
+        # forward: states summed over each chunk to its end, carried into later chunks, read with exp(F_i - F_st)
+        S = (Kc * torch.exp(tot[..., None] - Fl)[..., None]).transpose(-1, -2) @ Vc  # (B, H, N, DK, DV')
+        HF = (W @ S.flatten(-2)).reshape(S.shape)
+        out = out + torch.exp(Fl)[..., None] * (Qc @ HF)
+        # backward: states summed from each chunk's start, carried into earlier chunks (W transposed)
+        T = (Kc * torch.exp(Gl)[..., None]).transpose(-1, -2) @ Vc
+        HB = (W.transpose(-1, -2) @ T.flatten(-2)).reshape(T.shape)
+        out = out + torch.exp(tot[..., None] - Gl)[..., None] * (Qc @ HB)
+    out = out.reshape(B, H, N * C, out.shape[-1])[:, :, :L]
+    out = out.transpose(1, 2)
+    if not normalize:
+        return out[..., :DV], out[..., DV]
+    return (out[..., :DV] / (out[..., DV:] + EPS)).to(v.dtype)
+
+
 def _gate_layout(gate: torch.Tensor, shape) -> tuple[torch.Tensor, int, int]:
     """The gate (contiguous), whether its offset has a per-(b, t) part, and its row stride in the kernels."""
     return gate.contiguous(), 1, shape.heads  # (B, L, H): row t of (b, h) at (b L + t) H + h
@@ -1065,6 +1130,67 @@ class _Function(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+# torch.compile: the kernel forms as torch custom ops (torch.library), opaque to dynamo, with fake-tensor
+# rules (shapes only) and an autograd rule. The backward op recomputes the forward's saved states (one more
+# forward pass) so that only tensors of fixed shapes cross the op boundary. Used only while compiling.
+_OP = f"lion_gen::lion_s_{id(_FORWARD):x}"  # unique per loaded module (a spec may be loaded twice)
+
+
+@torch.library.custom_op(_OP + "_fwd", mutates_args=())
+def _op_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, algorithm: str, chunk: int
+) -> torch.Tensor:
+    shape = check_inputs(q, k, v, gate, FAMILY)
+    st = kernel_settings(q, shape, chunk, DEFAULT_CHUNK)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    with on_device(q):
+        y, _, _ = _FORWARD[algorithm](q, k, v, gate, shape, st)
+    return y
+
+
+@_op_forward.register_fake
+def _(q, k, v, gate, algorithm, chunk):
+    return torch.empty_like(v)
+
+
+@torch.library.custom_op(_OP + "_bwd", mutates_args=())
+def _op_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    dy: torch.Tensor,
+    algorithm: str,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = check_inputs(q, k, v, gate, FAMILY)
+    st = kernel_settings(q, shape, chunk, DEFAULT_CHUNK)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    with on_device(q):
+        y, n, saved = _FORWARD[algorithm](q, k, v, gate, shape, st)
+        grads = _BACKWARD[algorithm](q, k, v, gate, y, n, dy.contiguous(), saved, shape, st)
+    return tuple(grads)
+
+
+@_op_backward.register_fake
+def _(q, k, v, gate, dy, algorithm, chunk):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gate)
+
+
+def _op_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:3], inputs[3])
+    ctx.algorithm, ctx.chunk = inputs[4], inputs[5]
+
+
+def _op_grad(ctx, dy):
+    q, k, v, gate = ctx.saved_tensors
+    grads = _op_backward(q, k, v, gate, dy, ctx.algorithm, ctx.chunk)
+    return (*grads, None, None)
+
+
+torch.library.register_autograd(_OP + "_fwd", _op_grad, setup_context=_op_setup)
+
+
 def lion_s(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1078,16 +1204,21 @@ def lion_s(
 
     q, k: (B, L, H, Dk) raw projections (the feature map is applied inside); v: (B, L, H, Dv);
     gate: (B, L, H) raw gate inputs z, log-decay l = -softplus(z).
-    Returns (B, L, H, Dv) in the dtype of v. form: "auto" (= "chunk" for now), "chunk" (linear in L),
-    "parallel" (tiled attention form, for short sequences) or "reference" (materialized, plain torch).
-    chunk_size: the chunk (chunk form) or tile (parallel form) length, a power of two from 16 to 256.
+    Returns (B, L, H, Dv) in the dtype of v. form: "auto" ("chunk" on CUDA tensors, "torch" elsewhere),
+    "chunk" (Triton kernels, linear in L), "parallel" (tiled attention form, for short sequences), "torch"
+    (the chunkwise form in plain torch, any device) or "reference" (materialized, plain torch).
+    chunk_size: the chunk (chunk and torch forms) or tile (parallel form) length, a power of two from 16 to 256.
     """
     shape = check_inputs(q, k, v, gate, FAMILY)
-    algorithm = resolve_form(form)
+    algorithm = resolve_form(form, q.device)
     if algorithm == "reference":
         check_chunk_size(chunk_size, DEFAULT_CHUNK)
         return _reference(q, k, v, gate)
+    if algorithm == "torch":
+        return _torch_chunk(q, k, v, gate, check_chunk_size(chunk_size, DEFAULT_CHUNK))
     st = kernel_settings(q, shape, chunk_size, DEFAULT_CHUNK)
+    if torch.compiler.is_compiling():
+        return _op_forward(q, k, v, gate, algorithm, st.chunk)
     return _Function.apply(q, k, v, gate, shape, st, algorithm)
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job: set up, generate the built-in specs into generated/, and run a short demo with them.
-#   bash scripts/demo.sh           the full demo (about two minutes on a CPU, under the Triton interpreter)
-#   bash scripts/demo.sh --quick   a shorter demo with modules generated into a temporary directory
-#                                  (generated/ is left as it is); CI runs it in a brand-new virtual environment
+# The main job: set up (with the demo's extras), generate the built-in specs into generated/, and run the demo:
+# a LION-S ViT and a softmax ViT trained on scikit-learn's 8x8 digits (examples/demo.py).
+#   bash scripts/demo.sh           the full demo (a few minutes per model on a 2-core CPU); writes docs/demo_digits.png
+#   bash scripts/demo.sh --quick   two epochs on a subset, with modules generated into a temporary directory
+#                                  (generated/ and docs/ are left as they are); CI runs it in a brand-new
+#                                  virtual environment
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=""
@@ -14,7 +16,7 @@ case "${1:-}" in
     exit 2
     ;;
 esac
-bash scripts/setup.sh
+bash scripts/setup.sh demo
 venv="${LION_GEN_VENV:-.venv}"
 if [ -z "$quick" ]; then
   "$venv/bin/lion-gen" specs/*.yaml
@@ -25,4 +27,4 @@ scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 "$venv/bin/lion-gen" specs/*.yaml --out "$scratch/generated"
 : >"$scratch/generated/__init__.py"
-"$venv/bin/python" examples/demo.py --quick --modules "$scratch"
+"$venv/bin/python" examples/demo.py --quick --modules "$scratch" --out "$scratch/demo_digits.png"

@@ -57,7 +57,7 @@ LIT = mod("lion_lit").lion_lit
             ["chunk_size"],
         ),
         (
-            lambda q, k, v: S(q.double(), k.double(), v.double(), torch.randn(1, 5, 2)),
+            lambda q, k, v: S(q.double(), k.double(), v.double(), torch.randn(1, 5, 2), form="chunk"),
             TypeError,
             ["float64", "reference"],
         ),

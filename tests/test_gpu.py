@@ -31,7 +31,7 @@ def test_long_sequences_against_float64(name, B, L, H, D, dtype, device):
     dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
     y_ref.backward(dy)
     test_in = [(t.to(dtype) if i < 3 else t).detach().requires_grad_() for i, t in enumerate(ins)]
-    y = fn(*test_in[:3], test_in[3] if len(ins) > 3 else None, chunk_size=64)
+    y = fn(*test_in[:3], test_in[3] if len(ins) > 3 else None, form="chunk", chunk_size=64)
     y.backward(dy.to(dtype))
     errors = {"y": rel_rms(y, y_ref.detach())}
     for label, t, r in zip("qkvg", test_in, ref_in, strict=False):

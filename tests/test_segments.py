@@ -91,5 +91,5 @@ def test_launches_follow_the_plans_stage_graph(name, device, monkeypatch):
     monkeypatch.setattr(mod, "launch", spy)
     q, k, v, gate = make_inputs(mod, 1, 20, 2, 16, 16, device)
     ins = [t.requires_grad_() for t in (q, k, v, gate) if t is not None]
-    getattr(mod, name)(*ins[:3], ins[3] if gate is not None else None, chunk_size=16).sum().backward()
+    getattr(mod, name)(*ins[:3], ins[3] if gate is not None else None, form="chunk", chunk_size=16).sum().backward()
     assert seen == [f"_{name}_{p.stages.nodes[n]['function']}" for n in p.launch_order()]

@@ -9,7 +9,7 @@ import torch
 
 from .interpreter import bf16_dot_ok, interpreting
 
-FORMS = ("auto", "chunk", "parallel", "recurrent", "reference")
+FORMS = ("auto", "chunk", "parallel", "recurrent", "reference", "torch")
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_CHUNK, MAX_CHUNK = 16, 256
@@ -68,14 +68,21 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.
     return Shape(b, length, h, dk, v.shape[3])
 
 
-def resolve_form(form: object) -> str:
-    """The algorithm to run for ``form``; refuses unknown and not-yet-implemented forms."""
+def resolve_form(form: object, device: torch.device | None = None) -> str:
+    """The algorithm to run for ``form``; refuses unknown and not-yet-implemented forms.
+
+    ``"auto"`` is the Triton chunk form on CUDA tensors and the torch form elsewhere (and when no device is
+    given, "chunk" when CUDA is available).
+    """
     if not isinstance(form, str) or form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
     if form == "auto":
-        return "chunk"
+        cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        return "chunk" if cuda else "torch"
     if form == "recurrent":
-        raise ValueError("form='recurrent' is not implemented yet; use form='chunk', 'parallel' or 'reference'")
+        raise ValueError(
+            "form='recurrent' is not implemented yet; use form='chunk', 'parallel', 'torch' or 'reference'"
+        )
     return form
 
 
