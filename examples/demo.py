@@ -28,7 +28,7 @@ _parser = argparse.ArgumentParser(description="LION-S ViT vs softmax ViT on the 
 _parser.add_argument("--quick", action="store_true", help="one epoch on a subset (CI)")
 _parser.add_argument("--modules", metavar="DIR", help="import the generated modules from DIR/generated")
 _parser.add_argument("--out", default=str(ROOT / "docs" / "demo_digits.png"), help="the learning curves (PNG)")
-_parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 15; --quick: 1)")
+_parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 25; --quick: 1)")
 _parser.add_argument("--seed", type=int, default=0)
 _parser.add_argument(
     "--threads",
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_digits_split(args.seed)
     if args.quick:
         data = (data[0][:256], data[1][:256], data[2], data[3])
-    epochs = args.epochs or (1 if args.quick else 15)
+    epochs = args.epochs or (1 if args.quick else 25)
     size = dict(image_size=8, patch_size=2, in_chans=1, num_classes=10, dim=64, depth=4, num_heads=4, pool="mean")
     size.update(init="torch", pos_std=1.0)  # few updates on a small data set: see lion_gen.nn.VisionTransformer
     results = {}
