@@ -22,6 +22,7 @@ from sympy.printing.str import StrPrinter
 from . import __version__
 from .functions import FLOAT32_MAX, FLOAT32_TINY, elu
 from .plan import Elementwise, Plan
+from .planner import BUFFERS
 from .planner import _camel as camel
 from .planner import plan as make_plan
 from .spec import Spec, SpecError, load_spec
@@ -371,6 +372,7 @@ def _context(p: Plan) -> dict[str, object]:
         "params": lambda stage: ", ".join(_kernel_args(p, stage, kernel=True)),
         "call": lambda stage: ", ".join(_kernel_args(p, stage, kernel=False)),
         "saved": _saved(p),
+        "kinds": {name: kind for name, (_, kind, _) in BUFFERS.items()},
     }
 
 
@@ -393,13 +395,9 @@ def _kernel_args(p: Plan, stage: str, kernel: bool) -> list[str]:
 def _saved(p: Plan) -> list[str]:
     """Host names of the buffers the forward pass writes and the backward pass reads (y and n aside)."""
     g = p.stages
-    written = {b: g.nodes[n]["args"] for n in p.launch_order("forward") for b in g.nodes[n]["writes"]}
+    written = {b for n in p.launch_order("forward") for b in g.nodes[n]["writes"]}
     read = {b for n in p.launch_order("backward") for b in g.nodes[n]["reads"]}
-    out: list[str] = []
-    for b in sorted(set(written) & read - {"y", "n"}):
-        kind = next(k for _, buf, k in written[b] if buf == b)
-        out += _expand(p, b, b, kind, kernel=False)
-    return out
+    return [name for b in sorted(written & read - {"y", "n"}) for name in _expand(p, b, b, BUFFERS[b][1], kernel=False)]
 
 
 # Module-level names every generated module binds (imports and the runtime's checks): a spec named so is
