@@ -404,7 +404,8 @@ def _saved(p: Plan) -> list[str]:
 # refused before any planning. _check_names, on the rendered module, stays the authority.
 MODULE_NAMES = frozenset(
     {"annotations", "math", "torch", "triton", "tl", "launch", "SPEC", "EPS", "FAMILY", "DEFAULT_CHUNK"}
-    | {"check_chunk_size", "check_inputs", "check_scale", "kernel_settings", "lion_reference", "on_device"}
+    | {"check_chunk_size", "check_inputs", "check_key_padding_mask", "check_scale", "kernel_settings"}
+    | {"lion_reference", "on_device"}
     | {"resolve_form", "segment_chunks"}
 )
 

@@ -344,13 +344,15 @@ def _gated(s: Switches) -> bool:
 # Buffer kinds: "rows", a (B, L, H, ...) tensor; "state", (Dk, Dv) states in the state dtype with their
 # fp32 (Dk,) normalizer columns "z" (kernel arguments role_ptr and rolez_ptr); "gate", the raw gate
 # (g_ptr, G_ROWED: whether its offset has a per-row part, G_STRIDE: its row stride); "numbers", fp32
-# numbers per row, chunk or segment.
+# numbers per row, chunk or segment; "mask", the key padding mask (B, L) (pad_ptr, None when the call has
+# no mask: the kernels branch on it at compile time).
 BUFFERS: dict[str, tuple[str, str, Callable[[Switches], bool]]] = {
     # inputs of the op (written by no stage)
     "q": ("queries (B, L, H, Dk)", "rows", _always),
     "k": ("keys (B, L, H, Dk)", "rows", _always),
     "v": ("values (B, L, H, Dv)", "rows", _always),
     "gate": ("raw gates", "gate", _gated),
+    "pad": ("the key padding mask (B, L), True = real token (or None)", "mask", _always),
     "dy": ("the output's gradient (B, L, H, Dv)", "rows", _always),
     # forward
     "seg_decay": ("T_s: each segment's total log-decay", "numbers", _gated),
@@ -405,7 +407,7 @@ STAGES: tuple[tuple[Any, ...], ...] = (
         "fwd_summary",
         "(b, h, segment)",
         "per-segment summaries of (K, v'), right to left, and the state entering each chunk from its right",
-        ("k", "v", "g=gate"),
+        ("k", "v", "g=gate", "pad"),
         ("t=seg_decay", "rs=to_end", "sl=kv_summary_left", "sr=kv_summary_right", "cr=kv_chunk_right"),
         _always,
     ),
@@ -432,6 +434,7 @@ STAGES: tuple[tuple[Any, ...], ...] = (
             ("k", _local),
             ("v", _local),
             "g=gate",
+            "pad",
             ("rs=to_end", _two_way),
             "hl=kv_carried_left",
             "hr=kv_carried_right",
@@ -454,6 +457,7 @@ STAGES: tuple[tuple[Any, ...], ...] = (
             "n",
             "dy",
             "g=gate",
+            "pad",
             ("hl=kv_carried_left", _global),
         ),
         ("dn", "sl=qd_summary_left", "sr=qd_summary_right", "cr=qd_chunk_right", ("dq", _global)),
@@ -482,6 +486,7 @@ STAGES: tuple[tuple[Any, ...], ...] = (
             "k",
             "v",
             "g=gate",
+            "pad",
             "rs=to_end",
             ("n", _local),
             ("dy", _local),
@@ -503,7 +508,7 @@ STAGES: tuple[tuple[Any, ...], ...] = (
         "gate_grad",
         "(b, h, segment)",
         "suffix sums of the gate terms, times d log_decay / dz",
-        ("g=gate", "df=dF", "tf=dF_sums", "dg=dG", "tg=dG_sums"),
+        ("g=gate", "pad", "df=dF", "tf=dF_sums", "dg=dG", "tg=dG_sums"),
         ("out=dgate",),
         _gated,
     ),

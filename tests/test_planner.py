@@ -562,7 +562,7 @@ def test_every_switch_combination_gives_a_dag_that_produces_every_gradient(gated
     # no mask: n and Y are recomputed from the global state, not stored
     assert ("n" in written) == ("dn" in written) == (normalize and not glob)
     read = {b for n in g for b in g.nodes[n]["reads"]}
-    assert read <= written | {"q", "k", "v", "gate", "dy"}  # nothing is read that no stage writes
+    assert read <= written | {"q", "k", "v", "gate", "pad", "dy"}  # nothing is read that no stage writes
 
 
 def test_normalize_rows_false_drops_the_denominator():

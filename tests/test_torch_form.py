@@ -57,7 +57,7 @@ def test_auto_runs_the_torch_form_on_the_cpu(monkeypatch):
     mod = module("lion_s")
     calls = []
     real = mod._torch_chunk
-    monkeypatch.setattr(mod, "_torch_chunk", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(mod, "_torch_chunk", lambda *a, **kw: calls.append(a[-1]) or real(*a, **kw))
     q, k, v, gate = make_inputs(mod, 1, 20, 2, 8, 8, "cpu")
     y = mod.lion_s(q, k, v, gate)
     assert calls == [mod.DEFAULT_CHUNK]

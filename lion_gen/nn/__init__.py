@@ -24,7 +24,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from ..runtime import check_chunk_size
+from ..runtime import check_chunk_size, check_key_padding_mask
+from ..runtime.checks import Shape
 
 __all__ = [
     "Block",
@@ -89,7 +90,9 @@ class LionAttention(nn.Module):
     q, k, v from one Linear, the mask's gates per the spec's family (LION initialisations, see the module
     docstring), the generated op in ``form`` (default "auto": Triton kernels on CUDA, torch form elsewhere),
     an output Linear. ``orders``: None (the sequence order) or two permutations of the tokens (see
-    ``snake_orders``), each scanned with its own gates.
+    ``snake_orders``), each scanned with its own gates. ``forward(x, key_padding_mask=None)``: a bool (B, L)
+    mask, True = real token (the generated op's contract, section 3.1): the real tokens' outputs are those
+    of the batch without its pads, the pads' are ``proj``'s bias.
     """
 
     def __init__(
@@ -139,12 +142,16 @@ class LionAttention(nn.Module):
             return self.gates[i](x)
         return None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).unbind(2)
         if self.scans == 1:
-            y = self.fn(q, k, v, self._gate(0, x), form=self.form, chunk_size=self.chunk_size)
+            y = self.fn(
+                q, k, v, self._gate(0, x), form=self.form, chunk_size=self.chunk_size, key_padding_mask=key_padding_mask
+            )
         else:
+            shape = Shape(B, L, self.num_heads, self.head_dim, self.head_dim)
+            key_padding_mask = check_key_padding_mask(key_padding_mask, shape, x.device)
             chunk = check_chunk_size(self.chunk_size, self.default_chunk)
             num = den = None
             for i in range(2):
@@ -152,7 +159,10 @@ class LionAttention(nn.Module):
                 g = self._gate(i, x)
                 if g is not None and g.dim() == 3:
                     g = g[:, perm]
-                n_i, d_i = self._parts(q[:, perm], k[:, perm], v[:, perm], g, chunk, normalize=False)
+                pad = None if key_padding_mask is None else key_padding_mask[:, perm]
+                n_i, d_i = self._parts(
+                    q[:, perm], k[:, perm], v[:, perm], g, chunk, normalize=False, key_padding_mask=pad
+                )
                 n_i = n_i[:, inv]
                 num = n_i if num is None else num + n_i
                 if d_i is not None:
@@ -164,7 +174,9 @@ class LionAttention(nn.Module):
 
 
 class SoftmaxAttention(nn.Module):
-    """Softmax multi-head attention (torch SDPA) with the same projections, for baselines."""
+    """Softmax multi-head attention (torch SDPA) with the same projections, for baselines. With a
+    ``key_padding_mask`` (bool (B, L), True = real token) no query attends to a pad, and pads' outputs are
+    ``proj``'s bias, as in LionAttention."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -174,10 +186,16 @@ class SoftmaxAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        if key_padding_mask is None:
+            y = nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            real = check_key_padding_mask(key_padding_mask, Shape(B, L, self.num_heads, D, D), x.device)
+            keys = real | ~real.any(1, keepdim=True)  # a sequence of pads only: any keys (its outputs are zeroed)
+            y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
+            y = torch.where(real[:, None, :, None], y, 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -204,7 +222,8 @@ class Block(nn.Module):
     """Pre-norm block: x + drop_path(attn(norm(x))), then x + drop_path(mlp(norm(x))).
 
     ``attn`` is a LionAttention (or any (B, L, dim) -> (B, L, dim) module, e.g. SoftmaxAttention); the
-    selective gate of a LionAttention reads the normalized block input.
+    selective gate of a LionAttention reads the normalized block input. ``forward(x, key_padding_mask=None)``
+    passes a mask on to ``attn`` (only when it is not None, so that any module works without one).
     """
 
     def __init__(self, dim: int, attn: nn.Module, *, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
@@ -215,8 +234,10 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm1(x)
+        h = self.attn(h) if key_padding_mask is None else self.attn(h, key_padding_mask=key_padding_mask)
+        x = x + self.drop_path(h)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -325,7 +346,10 @@ class TokenEncoder(nn.Module):
     """A bidirectional encoder of token ids: (B, L) int -> (B, L, dim), LION attention blocks.
 
     Token and learned positional embeddings (up to ``max_len`` positions), ``depth`` pre-norm blocks, a final
-    LayerNorm. A key padding mask is not supported yet (it waits for variable-length inputs in the ops).
+    LayerNorm. ``forward(tokens, key_padding_mask=None)``: a bool (B, L) mask, True = real token, passed to
+    every block's attention: no real token sees a pad (a pad's outputs are not meaningful; ignore them). With
+    right padding, the real tokens' outputs equal those of the unpadded sequences (pads elsewhere shift the
+    positions of the tokens after them: their positional embeddings differ).
     """
 
     def __init__(
@@ -357,12 +381,12 @@ class TokenEncoder(nn.Module):
         _init_weights(self)
         nn.init.normal_(self.embed.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if tokens.dim() != 2 or tokens.shape[1] > self.pos_embed.shape[1]:
             raise ValueError(
                 f"tokens must have shape (B, L) with L <= {self.pos_embed.shape[1]}, got {tuple(tokens.shape)}"
             )
         x = self.embed(tokens) + self.pos_embed[:, : tokens.shape[1]]
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, key_padding_mask)
         return self.norm(x)

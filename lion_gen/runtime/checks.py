@@ -68,6 +68,25 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.
     return Shape(b, length, h, dk, v.shape[3])
 
 
+def check_key_padding_mask(key_padding_mask: object, shape: Shape, device: torch.device) -> torch.Tensor | None:
+    """The key padding mask as a contiguous bool (B, L) tensor (True = real token), or None; refuses another
+    dtype, shape or device."""
+    if key_padding_mask is None:
+        return None
+    want = (shape.batch, shape.length)
+    if not isinstance(key_padding_mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must be a bool tensor (True = real token), got dtype {key_padding_mask.dtype}"
+        )
+    if tuple(key_padding_mask.shape) != want:
+        raise ValueError(f"key_padding_mask must have shape (B, L) = {want}, got {tuple(key_padding_mask.shape)}")
+    if key_padding_mask.device != device:
+        raise ValueError(f"key_padding_mask must be on the device of q ({device}), got {key_padding_mask.device}")
+    return key_padding_mask.contiguous()
+
+
 def resolve_form(form: object, device: torch.device | None = None) -> str:
     """The algorithm to run for ``form``; refuses unknown and not-yet-implemented forms.
 

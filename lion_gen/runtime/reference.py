@@ -16,15 +16,23 @@ def lion_reference(
     g_shift: int,
     normalize_rows: bool,
     eps: float,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = (M o (Q K^T)) v [/ row sums + eps], M from prefix sums of ``log_gates`` (B, L, H).
 
     Q is already scaled and passed through the feature map. Computes in float32 at least (float64
-    stays float64) and returns the dtype of v. Memory is O(B H L^2).
+    stays float64) and returns the dtype of v. Memory is O(B H L^2). ``key_padding_mask`` (B, L), True =
+    real token: pad rows get Q = K = 0 and log-gate 0 (decay 1: no gate crosses a pad), so the real rows'
+    outputs are those of the sequence without its pads and the pads' outputs are 0.
     """
     dt = torch.promote_types(Q.dtype, torch.float32)
     Q, K, vv = Q.to(dt), K.to(dt), v.to(dt)
     b, length, h, _ = Q.shape
+    if key_padding_mask is not None:
+        real = key_padding_mask[:, :, None, None]
+        Q, K = torch.where(real, Q, 0.0), torch.where(real, K, 0.0)
+        if log_gates is not None:
+            log_gates = torch.where(real[..., 0], log_gates, 0.0)
     idx = torch.arange(length, device=Q.device)
     lower = idx[:, None] > idx[None, :]
     upper = idx[:, None] < idx[None, :]
@@ -46,4 +54,6 @@ def lion_reference(
     y = torch.einsum("bhij,bjhd->bihd", scores, vv)
     if normalize_rows:
         y = y / (scores.sum(-1).permute(0, 2, 1)[..., None] + eps)
+    if key_padding_mask is not None:  # already 0 there; this keeps dY at pads from reaching anything
+        y = torch.where(key_padding_mask[:, :, None, None], y, 0.0)
     return y.to(v.dtype)
