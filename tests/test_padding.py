@@ -265,3 +265,22 @@ def test_compiled_chunk_form_takes_the_mask():
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (results[1][0][~mask.to(dev)] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["lion_s", "lion_d"])
+def test_two_orders_with_pads_equal_the_orders_of_the_real_tokens(name):
+    """LionAttention with two token orders (vision's snakes; here any two permutations): a padded sequence
+    gives, on its real tokens, what the real tokens alone give in the orders the permutations induce on them."""
+    torch.manual_seed(0)
+    length = 37
+    mask = masks(length)[:1]
+    real = mask[0].nonzero()[:, 0]
+    orders = (torch.randperm(length), torch.randperm(length))
+    rank = torch.full((length,), -1).index_put_((real,), torch.arange(len(real)))
+    induced = tuple(rank[o][mask[0][o]] for o in orders)  # each order, restricted to the real tokens
+    padded = LionAttention(module(name), 32, 2, form="torch", chunk_size=16, orders=orders)
+    alone = LionAttention(module(name), 32, 2, form="torch", chunk_size=16, orders=induced)
+    alone.load_state_dict(padded.state_dict())
+    x = torch.randn(1, length, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(padded(x, key_padding_mask=mask)[:, real], alone(x[:, real]), rtol=1e-5, atol=1e-6)
