@@ -110,7 +110,23 @@ def inputs(mod, B, L, H, dk, dv, seed=0, with_state=True, device=DEVICE):
     return tuple(None if t is None else t.to(device) for t in (q, k, v, gate, S0))
 
 
-def check_against_recurrence(mod, fn, form, chunk, S0_given, use_y, use_final, B=1, L=37, H=2, dk=16, dv=16):
+def check_against_recurrence(
+    mod,
+    fn,
+    form,
+    chunk,
+    S0_given,
+    use_y,
+    use_final,
+    B=1,
+    L=37,
+    H=2,
+    dk=16,
+    dv=16,
+    dtype=torch.float32,
+    tol=TOL,
+    unchecked=(),
+):
     spec = mod.SPEC
     q, k, v, gate, S0 = inputs(mod, B, L, H, dk, dv, with_state=S0_given)
     g = torch.Generator().manual_seed(1)
@@ -122,19 +138,19 @@ def check_against_recurrence(mod, fn, form, chunk, S0_given, use_y, use_final, B
     y_ref, S_ref = recurrence(spec, *ref_in)
     loss = (y_ref * dy).sum() * use_y + (S_ref * dS).sum() * use_final
     loss.backward()
-    test_in = [None if t is None else t.clone().requires_grad_() for t in ins]
+    test_in = [None if t is None else (t.to(dtype) if i < 3 else t).clone().requires_grad_() for i, t in enumerate(ins)]
     y, S = fn(*test_in[:4], form=form, chunk_size=chunk, initial_state=test_in[4], output_final_state=True)
-    assert y.shape == (B, L, H, dv) and y.dtype == torch.float32
+    assert y.shape == (B, L, H, dv) and y.dtype == dtype
     assert S.shape == S_ref.shape and S.dtype == torch.float32
     errors = {"y": rel_rms(y, y_ref), "final_state": rel_rms(S, S_ref)}
-    loss = (y * dy.float().to(y.device)).sum() * use_y + (S * dS.float().to(S.device)).sum() * use_final
+    loss = (y * dy.to(y.device, dtype)).sum() * use_y + (S * dS.float().to(S.device)).sum() * use_final
     loss.backward()
     for label, t, r in zip(LABELS, test_in, ref_in, strict=True):
         if t is None:
             continue
         assert t.grad is not None and t.grad.shape == t.shape, label
         errors[label] = rel_rms(t.grad, r.grad)
-    bad = {key: e for key, e in errors.items() if not e <= TOL}
+    bad = {key: e for key, e in errors.items() if not e <= tol and key not in unchecked}
     assert not bad, (form, errors)
     return errors
 
@@ -168,6 +184,19 @@ def test_chunk_form_state_with_segments_of_several_chunks(name, monkeypatch):
     mod, fn, _ = get(name)
     monkeypatch.setattr(mod, "segment_chunks", lambda bh, n, dev: 2)
     check_against_recurrence(mod, fn, "chunk", 16, S0_given=True, use_y=1.0, use_final=1.0, L=70)
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_float16_chunk_form_with_a_state(name):
+    """16-bit inputs with a float32 state: output, final state and every gradient within the 16-bit bar.
+
+    Known limit (docs/contract.md 2.1): with a loss that uses the final state, the gate's gradient of a 16-bit
+    run is off by more (measured 1.7e-2, 7e-2 for a loss of the final state alone): the final state's share
+    <dS_L, S_L> of every dl_s and the keys' terms that cancel it are rounded differently by the bf16 state
+    dots, and early rows keep the difference. It is checked in float32 (1e-5) only."""
+    mod, fn, _ = get(name)
+    check_against_recurrence(mod, fn, "chunk", 16, True, 1.0, 0.0, dtype=torch.float16, tol=1e-2)
+    check_against_recurrence(mod, fn, "chunk", 16, True, 1.0, 1.0, dtype=torch.float16, tol=1e-2, unchecked=["gate"])
 
 
 def test_causal_decay_spec(causal_decay):
