@@ -407,17 +407,20 @@ MODULE_NAMES = frozenset(
     | {"check_chunk_size", "check_inputs", "check_key_padding_mask", "check_scale", "kernel_settings"}
     | {"lion_reference", "on_device"}
     | {"resolve_form", "segment_chunks"}
+    | {"check_state", "check_step", "join_state", "reference_causal", "split_state", "state_buffers", "step_settings"}
 )
 
 
 def check_name_early(spec: Spec) -> None:
-    """Refuse at once a name that collides with what every generated module binds, or with its own class."""
-    if spec.name in MODULE_NAMES:
-        raise SpecError(
-            spec.source,
-            "name",
-            f"{spec.name!r} collides with a name the generated module uses ({spec.name!r}); choose another name",
-        )
+    """Refuse at once a name (or its `<name>_step`) that collides with what every generated module binds, or with
+    its own class."""
+    for name in (spec.name, f"{spec.name}_step"):  # the function and its one-token step
+        if name in MODULE_NAMES:
+            raise SpecError(
+                spec.source,
+                "name",
+                f"{spec.name!r} collides with a name the generated module uses ({name!r}); choose another name",
+            )
     if spec.name == camel(spec.name):
         raise SpecError(
             spec.source, "name", f"{spec.name!r} collides with its own nn.Module class name ({spec.name!r})"
@@ -425,7 +428,8 @@ def check_name_early(spec: Spec) -> None:
 
 
 def _check_names(text: str, p: Plan, source: str) -> None:
-    """The function and the class a spec names must be the only module-level bindings of those names."""
+    """The function, its one-token step and the class a spec names must be the only module-level bindings of
+    those names."""
     counts: dict[str, int] = {}
     for node in ast.parse(text).body:
         names: list[str] = []
@@ -437,7 +441,7 @@ def _check_names(text: str, p: Plan, source: str) -> None:
             names = [(a.asname or a.name).split(".")[0] for a in node.names]
         for n in names:
             counts[n] = counts.get(n, 0) + 1
-    for n in sorted({p.name, p.class_name}):
+    for n in sorted({p.name, p.class_name, f"{p.name}_step"}):
         if counts.get(n, 0) > 1 or p.name == p.class_name:
             taken = "its own nn.Module class name" if p.name == p.class_name else "a name the generated module uses"
             raise SpecError(source, "name", f"{p.name!r} collides with {taken} ({n!r}); choose another name")

@@ -341,6 +341,10 @@ def _gated(s: Switches) -> bool:
     return s["gated"]
 
 
+def _causal(s: Switches) -> bool:  # a state at a row boundary summarizes the prefix (docs/contract.md)
+    return not s["bidir"]
+
+
 # Buffer kinds: "rows", a (B, L, H, ...) tensor; "state", (Dk, Dv) states in the state dtype with their
 # fp32 (Dk,) normalizer columns "z" (kernel arguments role_ptr and rolez_ptr); "gate", the raw gate
 # (g_ptr, G_ROWED: whether its offset has a per-row part, G_STRIDE: its row stride); "numbers", fp32
@@ -354,6 +358,9 @@ BUFFERS: dict[str, tuple[str, str, Callable[[Switches], bool]]] = {
     "gate": ("raw gates", "gate", _gated),
     "pad": ("the key padding mask (B, L), True = real token (or None)", "mask", _always),
     "dy": ("the output's gradient (B, L, H, Dv)", "rows", _always),
+    # causal state (docs/contract.md): optional, passed as None when absent (Triton specializes None)
+    "initial_state": ("the state at row boundary 0, S0 (optional input)", "state", _causal),
+    "d_final_state": ("the final state's gradient (optional input)", "state", _causal),
     # forward
     "seg_decay": ("T_s: each segment's total log-decay", "numbers", _gated),
     "to_end": ("P_b - P_en: log-decay from each chunk's end to its segment's end", "numbers", _gated),
@@ -373,6 +380,7 @@ BUFFERS: dict[str, tuple[str, str, Callable[[Switches], bool]]] = {
     "y": ("the output (B, L, H, Dv)", "rows", _always),
     # no mask: n_i = Q_i . z is recomputed from the global z where it is needed, not stored
     "n": ("row sums n_i (B, L, H)", "numbers", lambda s: s["normalize"] and not s["global"]),
+    "final_state": ("the state at row boundary L, S_L (only when asked for)", "state", _causal),
     # backward
     "dn": ("-(dY . Y) / (n + eps) per row", "numbers", lambda s: s["normalize"] and not s["global"]),
     "qd_summary_left": ("per segment: sum exp(P_b - G_i) Q_i dO'_i^T", "state", lambda s: s["bidir"] or s["global"]),
@@ -396,6 +404,12 @@ BUFFERS: dict[str, tuple[str, str, Callable[[Switches], bool]]] = {
         "numbers",
         _gated,
     ),
+    "d_initial_state": ("the initial state's gradient: the (Q, dO') state from the right at row 0", "state", _causal),
+    "dl_final": (
+        "per (b, h): <d final_state, final_state>, the final state's share of every dl_s",
+        "numbers",
+        lambda s: s["gated"] and not s["bidir"],
+    ),
 }
 
 # (stage, pass, template, function, grid, what it computes, reads, writes, condition)
@@ -418,7 +432,7 @@ STAGES: tuple[tuple[Any, ...], ...] = (
         "fwd_scan",
         "(b, h)",
         "the (K, v') states carried into every segment (a short sequential scan over segments)",
-        ("t=seg_decay", "sl=kv_summary_left", "sr=kv_summary_right"),
+        ("t=seg_decay", "sl=kv_summary_left", "sr=kv_summary_right", "h0=initial_state"),
         ("hl=kv_carried_left", "hr=kv_carried_right"),
         _always,
     ),
@@ -439,8 +453,9 @@ STAGES: tuple[tuple[Any, ...], ...] = (
             "hl=kv_carried_left",
             "hr=kv_carried_right",
             "cr=kv_chunk_right",
+            "h0=initial_state",
         ),
-        ("y", "n"),
+        ("y", "n", "hn=final_state"),
         _always,
     ),
     (
@@ -470,8 +485,8 @@ STAGES: tuple[tuple[Any, ...], ...] = (
         "bwd_scan",
         "(b, h)",
         "the (Q, dO') states carried into every segment",
-        ("t=seg_decay", "sl=qd_summary_left", "sr=qd_summary_right"),
-        ("hl=qd_carried_left", "hr=qd_carried_right"),
+        ("t=seg_decay", "sl=qd_summary_left", "sr=qd_summary_right", "dhn=d_final_state", ("hn=final_state", _gated)),
+        ("hl=qd_carried_left", "hr=qd_carried_right", "dlf=dl_final"),
         _always,
     ),
     (
@@ -497,8 +512,10 @@ STAGES: tuple[tuple[Any, ...], ...] = (
             "ql=qd_carried_left",
             "qr=qd_carried_right",
             "cq=qd_chunk_right",
+            "h0=initial_state",
+            "dhn=d_final_state",
         ),
-        (("dq", _local), "dk", "dv", "df=dF", "tf=dF_sums", "dg=dG", "tg=dG_sums"),
+        (("dq", _local), "dk", "dv", "df=dF", "tf=dF_sums", "dg=dG", "tg=dG_sums", "dh0=d_initial_state"),
         _always,
     ),
     (
@@ -508,12 +525,13 @@ STAGES: tuple[tuple[Any, ...], ...] = (
         "gate_grad",
         "(b, h, segment)",
         "suffix sums of the gate terms, times d log_decay / dz",
-        ("g=gate", "pad", "df=dF", "tf=dF_sums", "dg=dG", "tg=dG_sums"),
+        ("g=gate", "pad", "df=dF", "tf=dF_sums", "dg=dG", "tg=dG_sums", "dlf=dl_final"),
         ("out=dgate",),
         _gated,
     ),
 )
-SINKS = ("y", "dq", "dk", "dv", "dgate")  # what the op returns
+SINKS = ("y", "dq", "dk", "dv", "dgate", "final_state", "d_initial_state")  # what the op returns
+INPUTS = ("q", "k", "v", "gate", "pad", "dy", "initial_state", "d_final_state")  # what no stage writes
 
 
 def _entry(entry: Entry, switches: Switches) -> tuple[str, str] | None:

@@ -126,6 +126,7 @@ def test_generated_module_imports_only_torch_triton_and_runtime(path):
         elif isinstance(node, ast.ImportFrom):
             roots.add(node.module)
     allowed = {"__future__", "math", "torch", "triton", "triton.language", "lion_gen.runtime", "lion_gen.runtime.tiles"}
+    allowed.add("lion_gen.runtime.state")  # the causal state's checks and layout
     assert roots <= allowed, roots
 
 
@@ -190,7 +191,7 @@ def test_load_compiles_into_a_hashed_cache(tmp_path, monkeypatch):
     assert m3 is not m1 and m3.SPEC["eps"] == 1e-5 and len(list(tmp_path.rglob("*.py"))) == 2
 
 
-@pytest.mark.parametrize("name", ["torch", "launch", "tl", "math", "SPEC", "EPS", "Attn"])
+@pytest.mark.parametrize("name", ["torch", "launch", "tl", "math", "SPEC", "EPS", "Attn", "check", "split_state"])
 def test_names_that_collide_in_the_module_are_refused(name, tmp_path):
     from lion_gen import SpecError
     from lion_gen.cli import main

@@ -14,6 +14,7 @@ import sympy as sp
 from lion_gen.functions import REGISTRY, Interval, elu, parse_expression, relu, sigmoid, silu, softplus
 from lion_gen.plan import Elementwise, Plan
 from lion_gen.planner import (
+    INPUTS,
     SINKS,
     UnprovenWarning,
     derive_l2_adjoint,
@@ -562,7 +563,8 @@ def test_every_switch_combination_gives_a_dag_that_produces_every_gradient(gated
     # no mask: n and Y are recomputed from the global state, not stored
     assert ("n" in written) == ("dn" in written) == (normalize and not glob)
     read = {b for n in g for b in g.nodes[n]["reads"]}
-    assert read <= written | {"q", "k", "v", "gate", "pad", "dy"}  # nothing is read that no stage writes
+    assert read <= written | set(INPUTS)  # nothing is read that no stage writes but the op's inputs
+    assert set(INPUTS) == {"q", "k", "v", "gate", "pad", "dy", "initial_state", "d_final_state"}
 
 
 def test_normalize_rows_false_drops_the_denominator():
