@@ -69,7 +69,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.
 
 
 def resolve_form(form: object, device: torch.device | None = None) -> str:
-    """The algorithm to run for ``form``; refuses unknown and not-yet-implemented forms.
+    """The algorithm to run for ``form``; refuses unknown forms.
 
     ``"auto"`` is the Triton chunk form on CUDA tensors and the torch form elsewhere (and when no device is
     given, "chunk" when CUDA is available).
@@ -79,10 +79,6 @@ def resolve_form(form: object, device: torch.device | None = None) -> str:
     if form == "auto":
         cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
         return "chunk" if cuda else "torch"
-    if form == "recurrent":
-        raise ValueError(
-            "form='recurrent' is not implemented yet; use form='chunk', 'parallel', 'torch' or 'reference'"
-        )
     return form
 
 
