@@ -305,8 +305,9 @@ _MEASURES: dict[str, tuple[Callable[..., Any] | None, Callable[..., Any] | None]
     "create_descriptor_store": (None, lambda desc, value, indices, *a, **k: _desc_active(desc, indices)),
 }
 # Any other builder method touching memory must reach one of the above (gathers, scatters and polls do);
-# if it ever is the innermost one, counting stops with an error instead of missing its traffic.
-_MEMORY_METHOD = re.compile(r"create_\w*(load|store|atomic|gather|scatter|tensor_pointer)\w*")
+# if it ever is the innermost one, counting stops with an error instead of missing its traffic. create_gather
+# itself (tl.gather: elements of a tensor held in registers, the recurrent form's tokens) touches no memory.
+_MEMORY_METHOD = re.compile(r"create_(?!gather\Z)\w*(load|store|atomic|gather|scatter|tensor_pointer)\w*")
 
 
 class _Bucket:

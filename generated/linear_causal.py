@@ -35,7 +35,7 @@
 #   scale = 1/sqrt(d) is not tiny (no underflow): proved (it reaches 1 at d in [1.0, 16.0, 64.0, 256.0])
 #
 # The chunk form's launch schedule (the plan's stage graph, in launch order; the parallel form is
-# one forward and two backward launches):
+# one forward and two backward launches, the recurrent form one sweep forward and two backward):
 #   forward: fwd_summary -> _linear_causal_fwd_summary, grid (b, h, segment): per-segment summaries of (K, v'), right to left, and the state entering each chunk from its right
 #       reads k, v, pad; writes kv_summary_left
 #   forward: fwd_scan -> _linear_causal_fwd_scan, grid (b, h): the (K, v') states carried into every segment (a short sequential scan over segments)
@@ -52,7 +52,9 @@
 
 Exports ``linear_causal(q, k, v, gate=None, *, form="auto", chunk_size=None, key_padding_mask=None,
 initial_state=None, output_final_state=False)``, ``linear_causal_step(state, q, k, v, gate=None)`` (one-token decoding),
-``SPEC`` and the module ``LinearCausal(dim, num_heads)``.
+``SPEC`` and the module ``LinearCausal(dim, num_heads)``. Its Triton kernels compute three forms: "chunk"
+(chunkwise, sequence-parallel), "parallel" (the tiled attention form) and "recurrent" (sweeps over the tokens
+with one (Dk, Dv) state per (b, h)).
 """
 
 from __future__ import annotations
@@ -608,6 +610,137 @@ def _linear_causal_step_kernel(
     tl.store(y_ptr + pid * DV + o_v, o.to(y_ptr.dtype.element_ty), mask=o_v < DV)
 
 
+
+
+# Recurrent form, forward, left-to-right sweep: one program per (b, h), tokens i = 0 .. L-1; docs/lion_math.md
+# section 2 (the RNN form), the diagonal included here:
+#   S_i = sum_{j<=i} K_j v'_j^T = S_(i-1) + K_i v'_i^T
+#   O'_i = Q_i^T S_i,  y_i = O'_i
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
+def _linear_causal_recurrent_fwd_left(
+    q_ptr, k_ptr, v_ptr, pad_ptr,
+    y_ptr,
+    L, H, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, R: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b, h)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    o_r = tl.arange(0, R)  # the rows of a block
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    NB = tl.cdiv(L, R)
+    S = tl.zeros([BK, BV], tl.float32)  # S_i
+    for blk in range(NB):
+        rows = blk * R + o_r
+        xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
+        V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+        xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
+        Q = phq * scale
+        num = tl.zeros([R, BV], tl.float32)
+        for r in range(R):
+            sel = o_r == r
+            Kv = tl.reshape(tl.gather(K, tl.full([1, BK], r, tl.int32), 0), [BK])
+            Vv = tl.reshape(tl.gather(V, tl.full([1, BV], r, tl.int32), 0), [BV])
+            S = S + Kv[:, None] * Vv[None, :]
+            Qv = tl.reshape(tl.gather(Q, tl.full([1, BK], r, tl.int32), 0), [BK])
+            num = tl.where(sel[:, None], tl.sum(Qv[:, None] * S, 0)[None, :], num)
+        _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, num)
+
+
+# Recurrent form, backward, left-to-right sweep: one program per (b, h), tokens i = 0 .. L-1; docs/lion_math.md
+# section 4 (dO'_i = [dY_i / (n_i + eps), dn_i], here dO = dY); the left halves, diagonal with the F side:
+#   dQ^L_i = S_i dO'_i,  S_i = sum_{j<=i} K_j v'_j^T   (the forward's left state, recomputed)
+#   dq_i = phi'(q_i)^T (scale dQ^L_i)
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
+def _linear_causal_recurrent_bwd_left(
+    q_ptr, k_ptr, v_ptr, pad_ptr,
+    dy_ptr,
+    dq_ptr,
+    L, H, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, R: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b, h)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    o_r = tl.arange(0, R)  # the rows of a block
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    NB = tl.cdiv(L, R)
+    S = tl.zeros([BK, BV], tl.float32)  # S_i: K v^T from the left, F decays, diagonal included
+    for blk in range(NB):
+        rows = blk * R + o_r
+        xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
+        V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+        xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
+        Q = phq * scale
+        dO = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)  # dO = dY (rows not normalized)
+
+        dQ = tl.zeros([R, BK], tl.float32)
+        for r in range(R):
+            sel = o_r == r
+            Kv = tl.reshape(tl.gather(K, tl.full([1, BK], r, tl.int32), 0), [BK])
+            Vv = tl.reshape(tl.gather(V, tl.full([1, BV], r, tl.int32), 0), [BV])
+            dOv = tl.reshape(tl.gather(dO, tl.full([1, BV], r, tl.int32), 0), [BV])
+            S = S + Kv[:, None] * Vv[None, :]
+            dQ = tl.where(sel[:, None], (tl.sum(S * dOv[None, :], 1))[None, :], dQ)
+        _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale, pad_ptr))
+
+
+# Recurrent form, backward, right-to-left sweep: one program per (b, h), tokens i = L-1 .. 0; docs/lion_math.md
+# section 4; the right halves, diagonal with the F side:
+#   A_i = sum_{m>=i} Q_m dO'_m^T,  dK^U_i = A_i v'_i,  dV^U_i = A_i^T K_i
+#   dk_i = phi'(k_i)^T dK^U_i,  dv_i = dV^U_i
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
+def _linear_causal_recurrent_bwd_right(
+    q_ptr, k_ptr, v_ptr, pad_ptr,
+    dy_ptr,
+    dk_ptr, dv_ptr,
+    L, H, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, R: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b, h)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    o_r = tl.arange(0, R)  # the rows of a block
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    NB = tl.cdiv(L, R)
+    A = tl.zeros([BK, BV], tl.float32)  # A_i: Q dO^T from the right, F decays, diagonal included
+    for s in range(NB):
+        rows = (NB - 1 - s) * R + o_r
+        xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
+        V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+        xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
+        Q = phq * scale
+        dO = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)  # dO = dY (rows not normalized)
+
+        dK = tl.zeros([R, BK], tl.float32)
+        dV = tl.zeros([R, BV], tl.float32)
+        for t in range(R):
+            r = R - 1 - t
+            sel = o_r == r
+            Qv = tl.reshape(tl.gather(Q, tl.full([1, BK], r, tl.int32), 0), [BK])
+            Kv = tl.reshape(tl.gather(K, tl.full([1, BK], r, tl.int32), 0), [BK])
+            Vv = tl.reshape(tl.gather(V, tl.full([1, BV], r, tl.int32), 0), [BV])
+            dOv = tl.reshape(tl.gather(dO, tl.full([1, BV], r, tl.int32), 0), [BV])
+            A = A + Qv[:, None] * dOv[None, :]
+            dK = tl.where(sel[:, None], (tl.sum(A * Vv[None, :], 1))[None, :], dK)
+            dV = tl.where(sel[:, None], tl.sum(A * Kv[:, None], 0)[None, :], dV)
+        dk = _feature_backward(xk, K, nk, dK, pad_ptr)
+        _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, dk)
+        _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
+
+
 # ---------------------------------------------------------------------------------------------
 # Host side: the reference form, the launches, autograd, the functional API and the nn.Module.
 
@@ -850,8 +983,42 @@ def _parallel_backward(q, k, v, gate, pad, y, n, dy, saved, shape, st):
     return dq, dk, dv, None
 
 
-_FORWARD = {"chunk": _chunk_forward, "parallel": _parallel_forward}
-_BACKWARD = {"chunk": _chunk_backward, "parallel": _parallel_backward}
+def _recurrent_args(shape, st) -> dict:
+    """The recurrent kernels' arguments besides their buffers: rows are loaded R = 16 at a time (fewer for
+    shorter sequences), then taken one token at a time. One program holds one (backward: two) (Dk, Dv) fp32
+    states: more warps for larger ones."""
+    warps = min(16, max(4, st.block_k * st.block_v // 512))  # 8 at head dims 64: 4 spill in the backward
+    return dict(L=shape.length, H=shape.heads, scale=_scale(shape.dk), eps=EPS, DK=shape.dk, DV=shape.dv,
+                BK=st.block_k, BV=st.block_v, R=min(16, triton.next_power_of_2(shape.length)), num_warps=warps)
+
+
+def _recurrent_forward(q, k, v, gate, pad, shape, st):
+    # No memory besides y.
+    B, L, H = shape.batch, shape.length, shape.heads
+    grid = (B * H,)
+    args = _recurrent_args(shape, st)
+    y = torch.empty_like(v)
+    inputs = (q, k, v, pad)
+    launch(_linear_causal_recurrent_fwd_left, grid, *inputs, y, **args)
+    return y, None, ()
+
+
+def _recurrent_backward(q, k, v, gate, pad, y, n, dy, saved, shape, st):
+    # No memory besides the gradients.
+    B, L, H = shape.batch, shape.length, shape.heads
+    grid = (B * H,)
+    args = _recurrent_args(shape, st)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    inputs = (q, k, v, pad, dy)
+    launch(_linear_causal_recurrent_bwd_left, grid, *inputs, dq, **args)
+    launch(_linear_causal_recurrent_bwd_right, grid, *inputs, dk, dv, **args)
+    return dq, dk, dv, None
+
+
+_FORWARD = {"chunk": _chunk_forward, "parallel": _parallel_forward, "recurrent": _recurrent_forward}
+_BACKWARD = {"chunk": _chunk_backward, "parallel": _parallel_backward, "recurrent": _recurrent_backward}
 
 
 class _Function(torch.autograd.Function):
@@ -1058,9 +1225,11 @@ def linear_causal(
     q, k: (B, L, H, Dk) raw projections (the feature map is applied inside); v: (B, L, H, Dv);
     gate: must be None (no mask).
     Returns (B, L, H, Dv) in the dtype of v. form: "auto" ("chunk" on CUDA tensors, "torch" elsewhere),
-    "chunk" (Triton kernels, linear in L), "parallel" (tiled attention form, for short sequences), "torch"
-    (the chunkwise form in plain torch, any device) or "reference" (materialized, plain torch).
-    chunk_size: the chunk (chunk and torch forms) or tile (parallel form) length, a power of two from 16 to 256.
+    "chunk" (Triton kernels, linear in L), "parallel" (tiled attention form, for short sequences),
+    "recurrent" (Triton kernels sweeping the tokens with one (Dk, Dv) state per (b, h): the least memory),
+    "torch" (the chunkwise form in plain torch, any device) or "reference" (materialized, plain torch).
+    chunk_size: the chunk (chunk and torch forms) or tile (parallel form) length, a power of two from 16 to 256
+    (checked, and not used, by the recurrent and reference forms).
     key_padding_mask: None, or a bool (B, L) tensor on the device of q, True = real token (the flash-attn
     and Hugging Face convention). Pad rows (anywhere in the sequence) are left out: the real rows' outputs
     are those of the sequence without its pads, the pads' outputs are 0, and so are their gradients.

@@ -48,7 +48,7 @@
 #   log_decay(z) = log(sigmoid(z)) stays within float32's range: proved (every part of it lies within +-1e+15 for z in [-16, 16])
 #
 # The chunk form's launch schedule (the plan's stage graph, in launch order; the parallel form is
-# one forward and two backward launches):
+# one forward and two backward launches, the recurrent form two sweeps forward and two backward):
 #   forward: fwd_summary -> _lion_d_fwd_summary, grid (b, h, segment): per-segment summaries of (K, v'), right to left, and the state entering each chunk from its right
 #       reads k, v, gate, pad; writes seg_decay, to_end, kv_summary_left, kv_summary_right, kv_chunk_right
 #   forward: fwd_scan -> _lion_d_fwd_scan, grid (b, h): the (K, v') states carried into every segment (a short sequential scan over segments)
@@ -67,7 +67,9 @@
 
 Exports ``lion_d(q, k, v, gate=None, *, form="auto", chunk_size=None, key_padding_mask=None,
 initial_state=None, output_final_state=False)``, ``lion_d_step(state, q, k, v, gate=None)`` (refuses: a bidirectional spec has no state),
-``SPEC`` and the module ``LionD(dim, num_heads)``.
+``SPEC`` and the module ``LionD(dim, num_heads)``. Its Triton kernels compute three forms: "chunk"
+(chunkwise, sequence-parallel), "parallel" (the tiled attention form) and "recurrent" (sweeps over the tokens
+with one (Dk, Dv) state per (b, h)).
 """
 
 from __future__ import annotations
@@ -900,6 +902,277 @@ def _lion_d_parallel_bwd_kv(
     tl.store(dg_ptr + n_base + rows * H, dG, mask=rows < L)
 
 
+@triton.jit
+def _rec_log_gates(g_ptr, g_base, G_STRIDE, pad_ptr, pad_base, rows, L):
+    """l(z) of rows `rows` in fp32, 0 outside [0, L) and on the pad rows of a key padding mask (no decay to
+    apply there)."""
+    valid = (rows >= 0) & (rows < L)
+    if pad_ptr is not None:
+        valid = valid & (tl.load(pad_ptr + pad_base + rows, mask=valid, other=0) != 0)
+    z = tl.load(g_ptr + g_base + rows * G_STRIDE, mask=valid, other=0.0).to(tl.float32)
+    return tl.where(valid, _log_decay(z), 0.0)
+
+
+# Recurrent form, forward, right-to-left sweep: one program per (b, h), tokens i = L-1 .. 0; the RNN form of
+# docs/lion_math.md section 2 with the diagonal counted once (here strictly right of i, the left sweep has it):
+#   R_i = sum_{j>i} exp(G_j - G_i) K_j v'_j^T = exp(G_(i+1) - G_i) (R_(i+1) + K_(i+1) v'_(i+1)^T),  G_(i+1) - G_i = l_(i+1)
+#   Q_i^T R_i = [num_i, den_i]: den_i into n (fp32) and num_i / (den_i + eps) into y (a mean of v's rows,
+#   as safe in y's dtype as y itself), for the left sweep to finish.
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
+def _lion_d_recurrent_fwd_right(
+    q_ptr, k_ptr, v_ptr, pad_ptr,
+    g_ptr, G_ROWED, G_STRIDE,
+    y_ptr, n_ptr,
+    L, H, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, R: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b, h)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    g_base = (b * L * H) * G_ROWED + h
+    o_r = tl.arange(0, R)  # the rows of a block
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    NB = tl.cdiv(L, R)
+    S = tl.zeros([BK, BV], tl.float32)  # R_(i+1) + K_(i+1) v_(i+1)^T
+    z = tl.zeros([BK], tl.float32)  # its ones column
+    for s in range(NB):
+        rows = (NB - 1 - s) * R + o_r
+        dec = tl.exp(_rec_log_gates(g_ptr, g_base, G_STRIDE, pad_ptr, b * L, rows + 1, L))
+        xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
+        V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+        xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
+        Q = phq * scale
+        num = tl.zeros([R, BV], tl.float32)
+        den = tl.zeros([R], tl.float32)
+        for t in range(R):
+            r = R - 1 - t
+            sel = o_r == r
+            a = tl.gather(dec, tl.full([1], r, tl.int32), 0)
+            S = S * a
+            z = z * a
+            Qv = tl.reshape(tl.gather(Q, tl.full([1, BK], r, tl.int32), 0), [BK])
+            num = tl.where(sel[:, None], tl.sum(Qv[:, None] * S, 0)[None, :], num)
+            den = tl.where(sel, tl.sum(Qv * z, 0), den)
+            Kv = tl.reshape(tl.gather(K, tl.full([1, BK], r, tl.int32), 0), [BK])
+            Vv = tl.reshape(tl.gather(V, tl.full([1, BV], r, tl.int32), 0), [BV])
+            S += Kv[:, None] * Vv[None, :]
+            z += Kv
+        tl.store(n_ptr + n_base + rows * H, den, mask=rows < L)
+        num = num / tl.maximum(den + eps, 1e-30)[:, None]  # |num| <= den max|v| (phi > 0): 0 where den is 0
+        _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, num)
+
+
+# Recurrent form, forward, left-to-right sweep: one program per (b, h), tokens i = 0 .. L-1; docs/lion_math.md
+# section 2 (the RNN form), the diagonal included here:
+#   S_i = sum_{j<=i} exp(F_i - F_j) K_j v'_j^T = exp(F_i - F_(i-1)) S_(i-1) + K_i v'_i^T,  F_i - F_(i-1) = l_(i-1+0)
+#   O'_i = Q_i^T S_i + Q_i^T R_i (the right sweep's, read from y and n),  y_i = O'_i[:Dv] / (O'_i[Dv] + eps),  n_i = O'_i[Dv]
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
+def _lion_d_recurrent_fwd_left(
+    q_ptr, k_ptr, v_ptr, pad_ptr,
+    g_ptr, G_ROWED, G_STRIDE,
+    y_ptr, n_ptr,
+    L, H, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, R: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b, h)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    g_base = (b * L * H) * G_ROWED + h
+    o_r = tl.arange(0, R)  # the rows of a block
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    NB = tl.cdiv(L, R)
+    S = tl.zeros([BK, BV], tl.float32)  # S_i
+    z = tl.zeros([BK], tl.float32)  # its ones column
+    for blk in range(NB):
+        rows = blk * R + o_r
+        dec = tl.exp(_rec_log_gates(g_ptr, g_base, G_STRIDE, pad_ptr, b * L, rows - 1, L))
+        xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
+        V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+        xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
+        Q = phq * scale
+        num = tl.zeros([R, BV], tl.float32)
+        den = tl.zeros([R], tl.float32)
+        for r in range(R):
+            sel = o_r == r
+            a = tl.gather(dec, tl.full([1], r, tl.int32), 0)
+            Kv = tl.reshape(tl.gather(K, tl.full([1, BK], r, tl.int32), 0), [BK])
+            Vv = tl.reshape(tl.gather(V, tl.full([1, BV], r, tl.int32), 0), [BV])
+            S = S * a + Kv[:, None] * Vv[None, :]
+            z = z * a + Kv
+            Qv = tl.reshape(tl.gather(Q, tl.full([1, BK], r, tl.int32), 0), [BK])
+            num = tl.where(sel[:, None], tl.sum(Qv[:, None] * S, 0)[None, :], num)
+            den = tl.where(sel, tl.sum(Qv * z, 0), den)
+        part = _load_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+        den_r = tl.load(n_ptr + n_base + rows * H, mask=rows < L, other=0.0)
+        num += part * tl.maximum(den_r + eps, 1e-30)[:, None]
+        den += den_r
+        tl.store(n_ptr + n_base + rows * H, den, mask=rows < L)
+        num = num / (den + eps)[:, None]
+        _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, num)
+
+
+# Recurrent form, backward, left-to-right sweep: one program per (b, h), tokens i = 0 .. L-1; docs/lion_math.md
+# section 4 (dO'_i = [dY_i / (n_i + eps), dn_i]); the left halves, diagonal with the F side:
+#   dQ^L_i = S_i dO'_i,  S_i = sum_{j<=i} exp(F_i - F_j) K_j v'_j^T   (the forward's left state, recomputed)
+#   U_i = sum_{m<i} exp(G_i - G_m) Q_m dO'_m^T,  dK^L_i = U_i v'_i,  dV^L_i = U_i^T K_i
+#   into dq, dk, dv as phi'(q_i)^T (scale dQ^L_i), phi'(k_i)^T dK^L_i, dV^L_i (the feature backward is linear),
+#   for the right sweep to finish;  tF_i = Q_i . dQ^L_i,  tG_i = K_i . dK^L_i (the gate terms' left halves, fp32)
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
+def _lion_d_recurrent_bwd_left(
+    q_ptr, k_ptr, v_ptr, pad_ptr,
+    g_ptr, G_ROWED, G_STRIDE,
+    y_ptr, n_ptr, dy_ptr,
+    dq_ptr, dk_ptr, dv_ptr, tf_ptr, tg_ptr,
+    L, H, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, R: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b, h)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    g_base = (b * L * H) * G_ROWED + h
+    o_r = tl.arange(0, R)  # the rows of a block
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    NB = tl.cdiv(L, R)
+    S = tl.zeros([BK, BV], tl.float32)  # S_i: K v^T from the left, F decays, diagonal included
+    z = tl.zeros([BK], tl.float32)  # its ones column
+    U = tl.zeros([BK, BV], tl.float32)  # U_i: Q dO^T from the left, G decays, diagonal excluded
+    u = tl.zeros([BK], tl.float32)  # its dn column
+    for blk in range(NB):
+        rows = blk * R + o_r
+        decF = tl.exp(_rec_log_gates(g_ptr, g_base, G_STRIDE, pad_ptr, b * L, rows - 1, L))
+        decG = tl.exp(_rec_log_gates(g_ptr, g_base, G_STRIDE, pad_ptr, b * L, rows, L))
+        xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
+        V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+        xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
+        Q = phq * scale
+        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV, pad_ptr, b * L)
+
+        dQ = tl.zeros([R, BK], tl.float32)
+        dK = tl.zeros([R, BK], tl.float32)
+        dV = tl.zeros([R, BV], tl.float32)
+        for r in range(R):
+            sel = o_r == r
+            aF = tl.gather(decF, tl.full([1], r, tl.int32), 0)
+            aG = tl.gather(decG, tl.full([1], r, tl.int32), 0)
+            Kv = tl.reshape(tl.gather(K, tl.full([1, BK], r, tl.int32), 0), [BK])
+            Vv = tl.reshape(tl.gather(V, tl.full([1, BV], r, tl.int32), 0), [BV])
+            dOv = tl.reshape(tl.gather(dO, tl.full([1, BV], r, tl.int32), 0), [BV])
+            dnv = tl.gather(dn, tl.full([1], r, tl.int32), 0)
+            S = S * aF + Kv[:, None] * Vv[None, :]
+            z = z * aF + Kv
+            dQ = tl.where(sel[:, None], (tl.sum(S * dOv[None, :], 1) + z * dnv)[None, :], dQ)
+            Qv = tl.reshape(tl.gather(Q, tl.full([1, BK], r, tl.int32), 0), [BK])
+            U = U * aG
+            u = u * aG
+            dK = tl.where(sel[:, None], (tl.sum(U * Vv[None, :], 1) + u)[None, :], dK)
+            dV = tl.where(sel[:, None], tl.sum(U * Kv[:, None], 0)[None, :], dV)
+            U += Qv[:, None] * dOv[None, :]
+            u += Qv * dnv
+        _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale, pad_ptr))
+        tl.store(tf_ptr + n_base + rows * H, tl.sum(Q * dQ, 1), mask=rows < L)
+        _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xk, K, nk, dK, pad_ptr))
+        _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
+        tl.store(tg_ptr + n_base + rows * H, tl.sum(K * dK, 1), mask=rows < L)
+
+
+# Recurrent form, backward, right-to-left sweep: one program per (b, h), tokens i = L-1 .. 0; docs/lion_math.md
+# section 4; the right halves, diagonal with the F side:
+#   A_i = sum_{m>=i} exp(F_m - F_i) Q_m dO'_m^T,  dK^U_i = A_i v'_i,  dV^U_i = A_i^T K_i
+#   R_i = sum_{j>i} exp(G_j - G_i) K_j v'_j^T,  dQ^U_i = R_i dO'_i   (the forward's right state, recomputed)
+#   dq_i += phi'(q_i)^T (scale dQ^U_i),  dk_i += phi'(k_i)^T dK^U_i,  dv_i += dV^U_i   (onto the left sweep's halves)
+#   gate terms (lion_math.md 4.3): dF_i = Q_i . dQ^L_i - K_i . dK^U_i,  dG_i = K_i . dK^L_i - Q_i . dQ^U_i
+#   and their suffix sums, carried along: dl_i = sum_(m+0>i) dF_m + sum_(m+1>i) dG_m
+#   per (b, h): sum_i dl_i (the host sums over b and multiplies by dl/dz of the head's parameter)
+@triton.jit(do_not_specialize=["L"])  # a new sequence length reuses the compiled kernel
+def _lion_d_recurrent_bwd_right(
+    q_ptr, k_ptr, v_ptr, pad_ptr,
+    g_ptr, G_ROWED, G_STRIDE,
+    y_ptr, n_ptr, dy_ptr,
+    tf_ptr, tg_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dg_ptr,
+    L, H, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, R: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b, h)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    qk_base = (b * L * H + h) * DK
+    v_base = (b * L * H + h) * DV
+    n_base = b * L * H + h
+    g_base = (b * L * H) * G_ROWED + h
+    o_r = tl.arange(0, R)  # the rows of a block
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    NB = tl.cdiv(L, R)
+    A = tl.zeros([BK, BV], tl.float32)  # A_i: Q dO^T from the right, F decays, diagonal included
+    a = tl.zeros([BK], tl.float32)  # its dn column
+    T = tl.zeros([BK, BV], tl.float32)  # R_(i+1) + K_(i+1) v_(i+1)^T: K v^T from the right, G decays
+    t1 = tl.zeros([BK], tl.float32)  # its ones column
+    carry_f = tl.sum(tl.zeros([R], tl.float32), 0)  # sum of dF over the rows right of this block
+    carry_g = carry_f
+    dl_sum = carry_f
+    for s in range(NB):
+        rows = (NB - 1 - s) * R + o_r
+        decF = tl.exp(_rec_log_gates(g_ptr, g_base, G_STRIDE, pad_ptr, b * L, rows, L))
+        decG = tl.exp(_rec_log_gates(g_ptr, g_base, G_STRIDE, pad_ptr, b * L, rows + 1, L))
+        xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
+        V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+        xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
+        Q = phq * scale
+        dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV, pad_ptr, b * L)
+
+        dK = tl.zeros([R, BK], tl.float32)
+        dV = tl.zeros([R, BV], tl.float32)
+        dQ = tl.zeros([R, BK], tl.float32)
+        for t in range(R):
+            r = R - 1 - t
+            sel = o_r == r
+            aF = tl.gather(decF, tl.full([1], r, tl.int32), 0)
+            aG = tl.gather(decG, tl.full([1], r, tl.int32), 0)
+            Qv = tl.reshape(tl.gather(Q, tl.full([1, BK], r, tl.int32), 0), [BK])
+            Kv = tl.reshape(tl.gather(K, tl.full([1, BK], r, tl.int32), 0), [BK])
+            Vv = tl.reshape(tl.gather(V, tl.full([1, BV], r, tl.int32), 0), [BV])
+            dOv = tl.reshape(tl.gather(dO, tl.full([1, BV], r, tl.int32), 0), [BV])
+            dnv = tl.gather(dn, tl.full([1], r, tl.int32), 0)
+            A = A * aF + Qv[:, None] * dOv[None, :]
+            a = a * aF + Qv * dnv
+            dK = tl.where(sel[:, None], (tl.sum(A * Vv[None, :], 1) + a)[None, :], dK)
+            dV = tl.where(sel[:, None], tl.sum(A * Kv[:, None], 0)[None, :], dV)
+            T = T * aG
+            t1 = t1 * aG
+            dQ = tl.where(sel[:, None], (tl.sum(T * dOv[None, :], 1) + t1 * dnv)[None, :], dQ)
+            T += Kv[:, None] * Vv[None, :]
+            t1 += Kv
+        dF = tl.load(tf_ptr + n_base + rows * H, mask=rows < L, other=0.0) - tl.sum(K * dK, 1)
+        dG = tl.load(tg_ptr + n_base + rows * H, mask=rows < L, other=0.0) - tl.sum(Q * dQ, 1)
+        dk = _feature_backward(xk, K, nk, dK, pad_ptr)
+        dq = _feature_backward(xq, phq, nq, dQ * scale, pad_ptr)
+        dq += _load_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK).to(tl.float32)
+        _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, dq)
+        dk += _load_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK).to(tl.float32)
+        dV += _load_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+        _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, dk)
+        _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
+        dl = carry_f + tl.sum(dF, 0) - tl.cumsum(dF, 0)
+        carry_f += tl.sum(dF, 0)
+        dl += carry_g + tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
+        carry_g += tl.sum(dG, 0)
+        dl_sum += tl.sum(tl.where(_real_rows(pad_ptr, b * L, rows, L), dl, 0.0), 0)
+    tl.store(dg_ptr + pid, dl_sum)
+
+
 # ---------------------------------------------------------------------------------------------
 # Host side: the reference form, the launches, autograd, the functional API and the nn.Module.
 
@@ -1179,8 +1452,47 @@ def _parallel_backward(q, k, v, gate, pad, y, n, dy, saved, shape, st):
     return dq, dk, dv, dgate.to(gate.dtype)
 
 
-_FORWARD = {"chunk": _chunk_forward, "parallel": _parallel_forward}
-_BACKWARD = {"chunk": _chunk_backward, "parallel": _parallel_backward}
+def _recurrent_args(shape, st) -> dict:
+    """The recurrent kernels' arguments besides their buffers: rows are loaded R = 16 at a time (fewer for
+    shorter sequences), then taken one token at a time. One program holds one (backward: two) (Dk, Dv) fp32
+    states: more warps for larger ones."""
+    warps = min(16, max(4, st.block_k * st.block_v // 512))  # 8 at head dims 64: 4 spill in the backward
+    return dict(L=shape.length, H=shape.heads, scale=_scale(shape.dk), eps=EPS, DK=shape.dk, DV=shape.dv,
+                BK=st.block_k, BV=st.block_v, R=min(16, triton.next_power_of_2(shape.length)), num_warps=warps)
+
+
+def _recurrent_forward(q, k, v, gate, pad, shape, st):
+    # No memory besides y and n: the right sweep leaves its half in them (y: the half's mean of v's rows), the left sweep finishes.
+    B, L, H = shape.batch, shape.length, shape.heads
+    grid = (B * H,)
+    args = _recurrent_args(shape, st)
+    y = torch.empty_like(v)
+    n = torch.empty(B, L, H, dtype=torch.float32, device=q.device)  # the row sums, kept for the backward
+    inputs = (q, k, v, pad, *_gate_layout(gate, shape))
+    launch(_lion_d_recurrent_fwd_right, grid, *inputs, y, n, **args)
+    launch(_lion_d_recurrent_fwd_left, grid, *inputs, y, n, **args)
+    return y, n, ()
+
+
+def _recurrent_backward(q, k, v, gate, pad, y, n, dy, saved, shape, st):
+    # Memory besides the gradients: the gate terms' left halves, fp32 (B, L, H) x 2; the left sweep leaves its halves of dq, dk, dv in them, the right sweep finishes.
+    B, L, H = shape.batch, shape.length, shape.heads
+    grid = (B * H,)
+    args = _recurrent_args(shape, st)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    inputs = (q, k, v, pad, *_gate_layout(gate, shape), y, n, dy)
+    terms = torch.empty(2, B, L, H, dtype=torch.float32, device=q.device)  # tF, tG
+    dgate = torch.empty(B * H, dtype=torch.float32, device=q.device)  # sum_t dl_t per (b, h)
+    launch(_lion_d_recurrent_bwd_left, grid, *inputs, dq, dk, dv, terms[0], terms[1], **args)
+    launch(_lion_d_recurrent_bwd_right, grid, *inputs, terms[0], terms[1], dq, dk, dv, dgate, **args)
+    dl = dgate.view(B, H).sum(0, dtype=torch.float64)
+    return dq, dk, dv, (dl * _log_decay_grad_torch(gate.double())).to(gate.dtype)
+
+
+_FORWARD = {"chunk": _chunk_forward, "parallel": _parallel_forward, "recurrent": _recurrent_forward}
+_BACKWARD = {"chunk": _chunk_backward, "parallel": _parallel_backward, "recurrent": _recurrent_backward}
 
 
 class _Function(torch.autograd.Function):
@@ -1294,9 +1606,11 @@ def lion_d(
     q, k: (B, L, H, Dk) raw projections (the feature map is applied inside); v: (B, L, H, Dv);
     gate: (H,) one raw parameter z per head, log-decay l = -softplus(-z).
     Returns (B, L, H, Dv) in the dtype of v. form: "auto" ("chunk" on CUDA tensors, "torch" elsewhere),
-    "chunk" (Triton kernels, linear in L), "parallel" (tiled attention form, for short sequences), "torch"
-    (the chunkwise form in plain torch, any device) or "reference" (materialized, plain torch).
-    chunk_size: the chunk (chunk and torch forms) or tile (parallel form) length, a power of two from 16 to 256.
+    "chunk" (Triton kernels, linear in L), "parallel" (tiled attention form, for short sequences),
+    "recurrent" (Triton kernels sweeping the tokens with one (Dk, Dv) state per (b, h): the least memory),
+    "torch" (the chunkwise form in plain torch, any device) or "reference" (materialized, plain torch).
+    chunk_size: the chunk (chunk and torch forms) or tile (parallel form) length, a power of two from 16 to 256
+    (checked, and not used, by the recurrent and reference forms).
     key_padding_mask: None, or a bool (B, L) tensor on the device of q, True = real token (the flash-attn
     and Hugging Face convention). Pad rows (anywhere in the sequence) are left out: the real rows' outputs
     are those of the sequence without its pads, the pads' outputs are 0, and so are their gradients.

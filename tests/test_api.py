@@ -43,11 +43,6 @@ LIT = mod("lion_lit").lion_lit
         (lambda q, k, v: S(q, k, v, torch.randn(1, 5, 2, device="meta")), ValueError, ["gate", "device"]),
         (lambda q, k, v: S(q.tolist(), k, v, torch.randn(1, 5, 2)), TypeError, ["q", "Tensor"]),
         (lambda q, k, v: S(q, k, v, torch.randn(1, 5, 2), form="fast"), ValueError, ["form", "'chunk'"]),
-        (
-            lambda q, k, v: S(q, k, v, torch.randn(1, 5, 2), form="recurrent"),
-            ValueError,
-            ["recurrent", "not implemented"],
-        ),
         (lambda q, k, v: S(q, k, v, torch.randn(1, 5, 2), chunk_size=48), ValueError, ["chunk_size", "power of two"]),
         (lambda q, k, v: S(q, k, v, torch.randn(1, 5, 2), chunk_size=8), ValueError, ["chunk_size", "16"]),
         (lambda q, k, v: S(q, k, v, torch.randn(1, 5, 2), chunk_size="64"), TypeError, ["chunk_size"]),
@@ -75,11 +70,12 @@ def test_bad_input_is_refused(call, exc, words):
         assert re.search(pattern, message), (w, message)
 
 
-def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+@pytest.mark.parametrize("form", ["chunk", "recurrent"])
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch, form):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v = qkv()
     with pytest.raises(ValueError, match="CUDA tensors.*TRITON_INTERPRET=1"):
-        S(q, k, v, torch.randn(1, 5, 2), form="chunk")
+        S(q, k, v, torch.randn(1, 5, 2), form=form)
 
 
 def test_module_refusals():

@@ -18,7 +18,7 @@ from test_kernels import FP32_FACTOR, SPECS, TOL, fp32_limited, rel_rms
 
 from lion_gen.nn import Block, LionAttention, TokenEncoder
 
-FORMS = ["chunk", "parallel", "torch", "reference"]
+FORMS = ["chunk", "parallel", "recurrent", "torch", "reference"]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 L, H, DK, DV, CHUNK = 45, 2, 16, 16, 16  # 45 rows: three chunks of 16, the last one partial
 

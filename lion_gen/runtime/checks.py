@@ -88,7 +88,7 @@ def check_key_padding_mask(key_padding_mask: object, shape: Shape, device: torch
 
 
 def resolve_form(form: object, device: torch.device | None = None) -> str:
-    """The algorithm to run for ``form``; refuses unknown and not-yet-implemented forms.
+    """The algorithm to run for ``form``; refuses unknown forms.
 
     ``"auto"`` is the Triton chunk form on CUDA tensors and the torch form elsewhere (and when no device is
     given, "chunk" when CUDA is available).
@@ -98,10 +98,6 @@ def resolve_form(form: object, device: torch.device | None = None) -> str:
     if form == "auto":
         cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
         return "chunk" if cuda else "torch"
-    if form == "recurrent":
-        raise ValueError(
-            "form='recurrent' is not implemented yet; use form='chunk', 'parallel', 'torch' or 'reference'"
-        )
     return form
 
 
