@@ -410,28 +410,34 @@ def _linear_causal_bwd_grads(
         Kd = K.to(dt)
         dOd = dO.to(dt)
         m = _causal(True, False, C)  # M_ij
-        m_t = tl.trans(m)  # M_ji (a transpose of exps, not of a dot result: one exp per mask element)
-        S_t = tl.dot(Kd, tl.trans(Qd), input_precision=PREC)
+        # Two phases with short live ranges: dq first (stored), then dk and dv. Each intra-chunk dot's result
+        # meets the state terms only at the end, through a multiply or an fma: Triton folds `dot + x` into
+        # the dot's accumulator, which makes the dot forming x a "chained" one, laid out with all 8 warps
+        # along the 64 rows (each of its tiles held twice: more registers, spills).
         dS = tl.dot(dOd, tl.trans(V), input_precision=PREC)
-        dS_t = tl.dot(V, tl.trans(dOd), input_precision=PREC)
-        dQ = tl.dot((dS * m).to(dt), Kd, input_precision=PREC)
-        dK = tl.dot((dS_t * m_t).to(dt), Qd, input_precision=PREC)
-        dV = tl.dot((S_t * m_t).to(dt), dOd, input_precision=PREC)
+        dQi = tl.dot((dS * m).to(dt), Kd, input_precision=PREC)
         # keys left of the chunk
         dq_l = _sdot(dO, HLt, SD, PREC)
-        dQ += dq_l
+        dQ = dq_l
+        _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQi * scale + dQ * scale, pad_ptr))
+        m_t = tl.trans(m)  # M_ji (a transpose of exps, not of a dot result: one exp per mask element)
+        P_t = tl.dot(Kd, tl.trans(Qd), input_precision=PREC) * m_t  # (S * M)^T, S^T = K Q^T formed directly
+        dVi = tl.dot(P_t.to(dt), dOd, input_precision=PREC)
+        dS_t = tl.dot(V, tl.trans(dOd), input_precision=PREC)
+        dKi = tl.dot((dS_t * m_t).to(dt), Qd, input_precision=PREC)
         # queries right of the chunk
         Dn = _load_state_if(cq_ptr, cidx, o_k, o_v, DK, DV, inner) + to_end * QR
         dk_r = _sdot(V, tl.trans(Dn), SD, PREC)
         dv_r = _sdot(K, Dn, SD, PREC)
-        dK += dk_r
-        dV += dv_r
+        dK = dk_r
+        dV = dv_r
+        dK = tl.fma(dKi, 1.0, dK)  # dKi + dK, not folded into dKi's dot (see above)
+        dV = tl.fma(dVi, 1.0, dV)
         if dh0_ptr is not None:
             if n == 0:  # d initial_state: the (Q, dO') state from the right at row boundary 0
                 Q0 = Q
                 D0 = Dn + _sdot(tl.trans(Q0), dO, SD, PREC)
                 _store_state(dh0_ptr, pid, o_k, o_v, DK, DV, D0)
-        _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale, pad_ptr))
         _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xk, K, nk, dK, pad_ptr))
         _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
         # carry the left states past this chunk

@@ -374,22 +374,26 @@ def _lion_d_fwd_output(
         _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
         _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, b * L)
-        A = tl.dot(Q.to(dt), tl.trans(K).to(dt), input_precision=PREC) * _mask(pl, cl, True, True, C)
-        num = tl.dot(A.to(dt), V, input_precision=PREC)
-        den = tl.sum(A, 1)
         wl = tl.exp(pl)[:, None]
-        num += wl * _sdot(Qs, HL, SD, PREC)
-        den += tl.sum(wl * Qs * zl[None, :], 1)
         cidx = pid.to(tl.int64) * N + n
         to_end = tl.exp(tl.load(rs_ptr + cidx))  # exp(P_b - P_en): from this chunk's end to the segment's end
         inner = n < n1 - 1  # the segment's last chunk has no keys right of it inside the segment
-        Hn = _load_state_if(cr_ptr, cidx, o_k, o_v, DK, DV, inner) + to_end * HR
         wr = tl.exp(total - cl)[:, None]
-        num += wr * _sdot(Qs, Hn, SD, PREC)
+        # the normalizer's state terms first: the fp32 Qs is dead before the dots (fewer live registers)
         zn = _load_vec_if(crz_ptr, cidx, o_k, DK, inner) + to_end * zr
-        den += tl.sum(wr * Qs * zn[None, :], 1)
+        den = tl.sum(wr * Qs * zn[None, :], 1)
+        den += tl.sum(wl * Qs * zl[None, :], 1)
+        A = tl.dot(Q.to(dt), tl.trans(K).to(dt), input_precision=PREC) * _mask(pl, cl, True, True, C)
+        # the intra-chunk part apart from the state terms: added into this dot, a state dot would be laid out
+        # as a chained one (all 8 warps along the 64 rows, each tile held twice: more registers)
+        intra = tl.dot(A.to(dt), V, input_precision=PREC)
+        den += tl.sum(A, 1)
+        num = wl * _sdot(Qs, HL, SD, PREC)
+        Hn = _load_state_if(cr_ptr, cidx, o_k, o_v, DK, DV, inner) + to_end * HR
+        num += wr * _sdot(Qs, Hn, SD, PREC)
         tl.store(n_ptr + n_base + rows * H, den, mask=rows < L)
-        num = num * (1.0 / (den + eps))[:, None]
+        rinv = (1.0 / (den + eps))[:, None]
+        num = intra * rinv + num * rinv
         _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, num)
         Kl = K * tl.exp(total - pl)[:, None]
         decay = tl.exp(total)
@@ -561,36 +565,41 @@ def _lion_d_bwd_grads(
         Kd = K.to(dt)
         dOd = dO.to(dt)
         m = _mask(pl, cl, True, True, C)  # M_ij
-        m_t = tl.trans(m)  # M_ji (a transpose of exps, not of a dot result: one exp per mask element)
-        S = tl.dot(Qd, tl.trans(Kd), input_precision=PREC)
-        S_t = tl.dot(Kd, tl.trans(Qd), input_precision=PREC)
+        # Two phases with short live ranges: dq first (stored), then dk and dv. Each intra-chunk dot's result
+        # meets the state terms only at the end, through a multiply or an fma: Triton folds `dot + x` into
+        # the dot's accumulator, which makes the dot forming x a "chained" one, laid out with all 8 warps
+        # along the 64 rows (each of its tiles held twice: more registers, spills).
         dS = tl.dot(dOd, tl.trans(V), input_precision=PREC) + dn[:, None]
-        dS_t = tl.dot(V, tl.trans(dOd), input_precision=PREC) + dn[None, :]
-        dQ = tl.dot((dS * m).to(dt), Kd, input_precision=PREC)
-        dK = tl.dot((dS_t * m_t).to(dt), Qd, input_precision=PREC)
-        dV = tl.dot((S_t * m_t).to(dt), dOd, input_precision=PREC)
-        W = dS * S * m
-        W_low = tl.where(o_r > o_s, W, 0.0)
-        dF = tl.sum(W_low, 1) - tl.sum(W_low, 0)
-        W_up = tl.where(o_r < o_s, W, 0.0)
-        dG = tl.sum(W_up, 0) - tl.sum(W_up, 1)
+        dQi = tl.dot((dS * m).to(dt), Kd, input_precision=PREC)
         # keys left of the chunk
         dq_l = _sdot(dO, HLt, SD, PREC) + dn[:, None] * zl[None, :]
         dq_l = tl.exp(pl)[:, None] * dq_l
-        dF += tl.sum(Q * dq_l, 1)
-        dQ += dq_l
+        dF = tl.sum(Q * dq_l, 1)
+        dQ = dq_l
         # keys right of the chunk
         Rt = tl.trans(_load_state_if(cr_ptr, cidx, o_k, o_v, DK, DV, inner)) + to_end * HRt
         dq_r = _sdot(dO, Rt, SD, PREC) + dn[:, None] * (_load_vec_if(crz_ptr, cidx, o_k, DK, inner) + to_end * zr)[None, :]
         dq_r = tl.exp(total - cl)[:, None] * dq_r
-        dG -= tl.sum(Q * dq_r, 1)
+        dG = -tl.sum(Q * dq_r, 1)
         dQ += dq_r
+        _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQi * scale + dQ * scale, pad_ptr))
+        m_t = tl.trans(m)  # M_ji (a transpose of exps, not of a dot result: one exp per mask element)
+        P_t = tl.dot(Kd, tl.trans(Qd), input_precision=PREC) * m_t  # (S * M)^T, S^T = K Q^T formed directly
+        dVi = tl.dot(P_t.to(dt), dOd, input_precision=PREC)
+        dS_t = tl.dot(V, tl.trans(dOd), input_precision=PREC) + dn[None, :]
+        dKi = tl.dot((dS_t * m_t).to(dt), Qd, input_precision=PREC)
+        # gate terms from the transposed tiles (no extra dot): W^T_ji = W_ij = dS_ij S_ij M_ij
+        Wt = dS_t * P_t
+        Wt_up = tl.where(o_r < o_s, Wt, 0.0)  # W below its diagonal, transposed
+        dF += tl.sum(Wt_up, 0) - tl.sum(Wt_up, 1)
+        Wt_low = tl.where(o_r > o_s, Wt, 0.0)  # W above its diagonal, transposed
+        dG += tl.sum(Wt_low, 1) - tl.sum(Wt_low, 0)
         # queries left of the chunk
         wl = tl.exp(cl)[:, None]
         dk_l = wl * (_sdot(V, QLt, SD, PREC) + el[None, :])
         dG += tl.sum(K * dk_l, 1)
-        dK += dk_l
-        dV += wl * _sdot(K, QL, SD, PREC)
+        dK = dk_l
+        dV = wl * _sdot(K, QL, SD, PREC)
         # queries right of the chunk
         Dn = _load_state_if(cq_ptr, cidx, o_k, o_v, DK, DV, inner) + to_end * QR
         dk_r = _sdot(V, tl.trans(Dn), SD, PREC) + (_load_vec_if(cqz_ptr, cidx, o_k, DK, inner) + to_end * er)[None, :]
@@ -601,7 +610,8 @@ def _lion_d_bwd_grads(
         dF -= tl.sum(K * dk_r, 1)
         dK += dk_r
         dV += dv_r
-        _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale, pad_ptr))
+        dK = tl.fma(dKi, 1.0, dK)  # dKi + dK, not folded into dKi's dot (see above)
+        dV = tl.fma(dVi, 1.0, dV)
         _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xk, K, nk, dK, pad_ptr))
         _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
         valid = rows < L

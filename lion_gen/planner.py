@@ -509,6 +509,7 @@ STAGES: tuple[tuple[Any, ...], ...] = (
             ("hl=kv_carried_left", _local),
             "hr=kv_carried_right",
             "cr=kv_chunk_right",
+            ("sl=qd_summary_left", _global),
             "ql=qd_carried_left",
             "qr=qd_carried_right",
             "cq=qd_chunk_right",

@@ -10,7 +10,7 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 # Software pipelining (num_stages > 1) multiplies the shared memory a loop's tiles take. The largest
-# need is the chunk form's backward stage 3 (`bwd_grads`): 173,064 bytes at 3 stages in bfloat16, head
+# need is the chunk form's backward stage 3 (`bwd_grads`): 156,680 bytes at 3 stages in bfloat16, head
 # dim 64, chunk 64 (sm_90a as launched, benchmarks/RESULTS.md), within an H100's 232,448 per block; a
 # configuration that does not fit (float32 or head dim 128 at chunk 64) retries with one stage.
 STAGES = (3, 1)
