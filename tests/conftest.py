@@ -40,3 +40,21 @@ def nan_poison(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture(scope="session")
+def eps_modules(tmp_path_factory):
+    """The specs of tests/test_kernels.py's EPS_SPECS (eps comparable to the row sums), loaded once."""
+    from test_kernels import EPS_SPECS
+
+    import lion_gen
+
+    root = tmp_path_factory.mktemp("eps_specs")
+    mods = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LION_GEN_CACHE", str(root / "cache"))
+        for name, text in EPS_SPECS.items():
+            (root / f"{name}.yaml").write_text(text, encoding="utf-8")
+            mods[name] = lion_gen.load(root / f"{name}.yaml")
+    assert all(mods[name].SPEC["eps"] >= 0.5 for name in EPS_SPECS)
+    return mods

@@ -14,8 +14,6 @@ import oracle
 import pytest
 import torch
 
-import lion_gen
-
 SPECS = ["lion_lit", "lion_d", "lion_s", "lion_s_causal", "lion_s_sym", "linear_causal", "retention"]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TOL = {torch.float32: 1e-5 if INTERPRETED else 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -192,19 +190,6 @@ eps: 0.5
 #   lion_lit (eps 1e-6), shift -6 (phi ~ e^-6): n in [4e-4, 5e-2]; eps changes all by 5e-5 (L = 37) to
 #   2e-3 (L = 1); a larger shift loses more to elu(x) + 1 in float32 (see test_elu_features_keep_precision).
 EPS_CASES = [("lion_s_eps", 0.0), ("lion_lit_eps", -4.0), ("lion_lit", -6.0)]
-
-
-@pytest.fixture(scope="module")
-def eps_modules(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eps_specs")
-    mods = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LION_GEN_CACHE", str(root / "cache"))
-        for name, text in EPS_SPECS.items():
-            (root / f"{name}.yaml").write_text(text, encoding="utf-8")
-            mods[name] = lion_gen.load(root / f"{name}.yaml")
-    assert all(mods[name].SPEC["eps"] >= 0.5 for name in EPS_SPECS)
-    return mods
 
 
 @pytest.mark.parametrize("form", ["chunk", "parallel"])

@@ -11,9 +11,8 @@ import os
 
 import pytest
 import torch
-from test_kernels import EPS_CASES, EPS_SPECS, SPECS, TOL, compare, make_inputs, module, rel_rms
+from test_kernels import EPS_CASES, SPECS, TOL, compare, make_inputs, module, rel_rms
 
-import lion_gen
 from benchmarks import memory
 
 
@@ -48,18 +47,6 @@ def test_recurrent_strong_gates(name, device):
     for t in (y, *[t.grad for t in ins], gate.grad):
         assert torch.isfinite(t).all()
     compare(name, 1, 40, 1, 16, 16, None, device, gate_scale=25.0, form="recurrent")
-
-
-@pytest.fixture(scope="module")
-def eps_modules(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eps_specs_recurrent")
-    mods = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LION_GEN_CACHE", str(root / "cache"))
-        for name, text in EPS_SPECS.items():
-            (root / f"{name}.yaml").write_text(text, encoding="utf-8")
-            mods[name] = lion_gen.load(root / f"{name}.yaml")
-    return mods
 
 
 @pytest.mark.parametrize("name,shift", EPS_CASES)
