@@ -626,6 +626,7 @@ def _linear_causal_step_kernel(
 def _linear_causal_recurrent_fwd_left(
     q_ptr, k_ptr, v_ptr, pad_ptr,
     y_ptr,
+    h0_ptr, hn_ptr,
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, R: tl.constexpr,
 ):
@@ -640,6 +641,8 @@ def _linear_causal_recurrent_fwd_left(
     o_v = tl.arange(0, BV)
     NB = tl.cdiv(L, R)
     S = tl.zeros([BK, BV], tl.float32)  # S_i
+    if h0_ptr is not None:  # the initial state S0 (None: zero)
+        S += _load_state(h0_ptr, pid, o_k, o_v, DK, DV)
     for blk in range(NB):
         rows = blk * R + o_r
         xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
@@ -655,6 +658,8 @@ def _linear_causal_recurrent_fwd_left(
             Qv = tl.reshape(tl.gather(Q, tl.full([1, BK], r, tl.int32), 0), [BK])
             num = tl.where(sel[:, None], tl.sum(Qv[:, None] * S, 0)[None, :], num)
         _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, num)
+    if hn_ptr is not None:  # the state after the last token is the final state S_L (F_(L-1) = P_L)
+        _store_state(hn_ptr, pid, o_k, o_v, DK, DV, S)
 
 
 # Recurrent form, backward, left-to-right sweep: one program per (b, h), tokens i = 0 .. L-1; docs/lion_math.md
@@ -666,6 +671,7 @@ def _linear_causal_recurrent_bwd_left(
     q_ptr, k_ptr, v_ptr, pad_ptr,
     dy_ptr,
     dq_ptr,
+    h0_ptr,
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, R: tl.constexpr,
 ):
@@ -680,6 +686,8 @@ def _linear_causal_recurrent_bwd_left(
     o_v = tl.arange(0, BV)
     NB = tl.cdiv(L, R)
     S = tl.zeros([BK, BV], tl.float32)  # S_i: K v^T from the left, F decays, diagonal included
+    if h0_ptr is not None:  # the initial state S0 (None: zero)
+        S += _load_state(h0_ptr, pid, o_k, o_v, DK, DV)
     for blk in range(NB):
         rows = blk * R + o_r
         xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
@@ -708,6 +716,7 @@ def _linear_causal_recurrent_bwd_right(
     q_ptr, k_ptr, v_ptr, pad_ptr,
     dy_ptr,
     dk_ptr, dv_ptr,
+    dhn_ptr, dh0_ptr,
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, R: tl.constexpr,
 ):
@@ -722,6 +731,8 @@ def _linear_causal_recurrent_bwd_right(
     o_v = tl.arange(0, BV)
     NB = tl.cdiv(L, R)
     A = tl.zeros([BK, BV], tl.float32)  # A_i: Q dO^T from the right, F decays, diagonal included
+    if dhn_ptr is not None:  # the final state's gradient dS_L enters at row boundary L (exp(P_L - F_(L-1)) = 1)
+        A += _load_state(dhn_ptr, pid, o_k, o_v, DK, DV)
     for s in range(NB):
         rows = (NB - 1 - s) * R + o_r
         xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, b * L)
@@ -745,6 +756,8 @@ def _linear_causal_recurrent_bwd_right(
         dk = _feature_backward(xk, K, nk, dK, pad_ptr)
         _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, dk)
         _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
+    if dh0_ptr is not None:  # d initial_state = A_0, the (Q, dO') state from the right at row boundary 0
+        _store_state(dh0_ptr, pid, o_k, o_v, DK, DV, A)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -998,18 +1011,24 @@ def _recurrent_args(shape, st) -> dict:
                 BK=st.block_k, BV=st.block_v, R=min(16, triton.next_power_of_2(shape.length)), num_warps=warps)
 
 
-def _recurrent_forward(q, k, v, gate, pad, shape, st):
+def _recurrent_forward(q, k, v, gate, pad, shape, st, initial=(None, None), final=(None, None)):
+    """initial, final: as in _chunk_forward (the sweep starts from the initial state, its state after the
+    last token is the final state)."""
     # No memory besides y.
     B, L, H = shape.batch, shape.length, shape.heads
     grid = (B * H,)
     args = _recurrent_args(shape, st)
     y = torch.empty_like(v)
     inputs = (q, k, v, pad)
-    launch(_linear_causal_recurrent_fwd_left, grid, *inputs, y, **args)
+    state = (initial[0], final[0])
+    launch(_linear_causal_recurrent_fwd_left, grid, *inputs, y, *state, **args)
     return y, None, ()
 
 
-def _recurrent_backward(q, k, v, gate, pad, y, n, dy, saved, shape, st):
+def _recurrent_backward(
+    q, k, v, gate, pad, y, n, dy, saved, shape, st, initial=(None, None), d_final=(None, None), d_initial=(None, None)
+):
+    """initial, d_final, d_initial: as in _chunk_backward."""
     # No memory besides the gradients.
     B, L, H = shape.batch, shape.length, shape.heads
     grid = (B * H,)
@@ -1018,8 +1037,10 @@ def _recurrent_backward(q, k, v, gate, pad, y, n, dy, saved, shape, st):
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     inputs = (q, k, v, pad, dy)
-    launch(_linear_causal_recurrent_bwd_left, grid, *inputs, dq, **args)
-    launch(_linear_causal_recurrent_bwd_right, grid, *inputs, dk, dv, **args)
+    left = (initial[0],)
+    right = (d_final[0], d_initial[0])
+    launch(_linear_causal_recurrent_bwd_left, grid, *inputs, dq, *left, **args)
+    launch(_linear_causal_recurrent_bwd_right, grid, *inputs, dk, dv, *right, **args)
     return dq, dk, dv, None
 
 
@@ -1028,7 +1049,7 @@ _BACKWARD = {"chunk": _chunk_backward, "parallel": _parallel_backward, "recurren
 
 
 class _Function(torch.autograd.Function):
-    """The kernel forms with autograd. With a causal state (chunk form only) the initial state is an input and the final state a second output, both differentiable."""
+    """The kernel forms with autograd. With a causal state (chunk and recurrent forms) the initial state is an input and the final state a second output, both differentiable."""
 
     @staticmethod
     def forward(ctx, q, k, v, gate, pad, initial_state, shape, st, algorithm, output_final_state):
@@ -1243,8 +1264,8 @@ def linear_causal(
     in the torch and reference forms), None for zero; row i gets exp(F_i) Q_i S0 on top of the usual sum.
     output_final_state: also return the state at row boundary L, S_L = sum_j exp(P_L - F_j) K_j v'_j^T +
     exp(P_L) S0, in the layout of initial_state: returns (y, final_state). S_L = S0 of the next call, and of
-    linear_causal_step. Gradients flow into initial_state and from final_state. Forms "chunk", "torch",
-    "reference" and "auto"; not "parallel".
+    linear_causal_step. Gradients flow into initial_state and from final_state. Forms "chunk", "recurrent",
+    "torch", "reference" and "auto"; not "parallel".
     """
     shape = check_inputs(q, k, v, gate, FAMILY)
     pad = check_key_padding_mask(key_padding_mask, shape, q.device)

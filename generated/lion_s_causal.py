@@ -862,6 +862,7 @@ def _lion_s_causal_recurrent_fwd_left(
     q_ptr, k_ptr, v_ptr, pad_ptr,
     g_ptr, G_ROWED, G_STRIDE,
     y_ptr, n_ptr,
+    h0_ptr, h0z_ptr, hn_ptr, hnz_ptr,
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, R: tl.constexpr,
 ):
@@ -878,6 +879,9 @@ def _lion_s_causal_recurrent_fwd_left(
     NB = tl.cdiv(L, R)
     S = tl.zeros([BK, BV], tl.float32)  # S_i
     z = tl.zeros([BK], tl.float32)  # its ones column
+    if h0_ptr is not None:  # the initial state S0 (None: zero)
+        S += _load_state(h0_ptr, pid, o_k, o_v, DK, DV)
+        z += _load_vec(h0z_ptr, pid, o_k, DK)
     for blk in range(NB):
         rows = blk * R + o_r
         dec = tl.exp(_rec_log_gates(g_ptr, g_base, G_STRIDE, pad_ptr, b * L, rows, L))
@@ -900,6 +904,9 @@ def _lion_s_causal_recurrent_fwd_left(
         tl.store(n_ptr + n_base + rows * H, den, mask=rows < L)
         num = num / (den + eps)[:, None]
         _store_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV, num)
+    if hn_ptr is not None:  # the state after the last token is the final state S_L (F_(L-1) = P_L)
+        _store_state(hn_ptr, pid, o_k, o_v, DK, DV, S)
+        _store_vec(hnz_ptr, pid, o_k, DK, z)
 
 
 # Recurrent form, backward, left-to-right sweep: one program per (b, h), tokens i = 0 .. L-1; docs/lion_math.md
@@ -912,6 +919,7 @@ def _lion_s_causal_recurrent_bwd_left(
     g_ptr, G_ROWED, G_STRIDE,
     y_ptr, n_ptr, dy_ptr,
     dq_ptr, tf_ptr,
+    h0_ptr, h0z_ptr, dhn_ptr, dhnz_ptr, dlf_ptr,
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, R: tl.constexpr,
 ):
@@ -928,6 +936,9 @@ def _lion_s_causal_recurrent_bwd_left(
     NB = tl.cdiv(L, R)
     S = tl.zeros([BK, BV], tl.float32)  # S_i: K v^T from the left, F decays, diagonal included
     z = tl.zeros([BK], tl.float32)  # its ones column
+    if h0_ptr is not None:  # the initial state S0 (None: zero)
+        S += _load_state(h0_ptr, pid, o_k, o_v, DK, DV)
+        z += _load_vec(h0z_ptr, pid, o_k, DK)
     for blk in range(NB):
         rows = blk * R + o_r
         decF = tl.exp(_rec_log_gates(g_ptr, g_base, G_STRIDE, pad_ptr, b * L, rows, L))
@@ -950,6 +961,10 @@ def _lion_s_causal_recurrent_bwd_left(
             dQ = tl.where(sel[:, None], (tl.sum(S * dOv[None, :], 1) + z * dnv)[None, :], dQ)
         _store_rows(dq_ptr, qk_base, rows, o_k, L, H * DK, DK, _feature_backward(xq, phq, nq, dQ * scale, pad_ptr))
         tl.store(tf_ptr + n_base + rows * H, tl.sum(Q * dQ, 1), mask=rows < L)
+    if dlf_ptr is not None:  # S is now the final state S_L: <dS_L, S_L>, the gate's share of the final state
+        dl_final = tl.sum(tl.sum(_load_state(dhn_ptr, pid, o_k, o_v, DK, DV) * S, 1), 0)
+        dl_final += tl.sum(_load_vec(dhnz_ptr, pid, o_k, DK) * z, 0)
+        tl.store(dlf_ptr + pid, dl_final)
 
 
 # Recurrent form, backward, right-to-left sweep: one program per (b, h), tokens i = L-1 .. 0; docs/lion_math.md
@@ -966,6 +981,7 @@ def _lion_s_causal_recurrent_bwd_right(
     y_ptr, n_ptr, dy_ptr,
     tf_ptr,
     dk_ptr, dv_ptr, dg_ptr,
+    dhn_ptr, dhnz_ptr, dh0_ptr, dh0z_ptr, dlf_ptr,
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, R: tl.constexpr,
 ):
@@ -982,7 +998,13 @@ def _lion_s_causal_recurrent_bwd_right(
     NB = tl.cdiv(L, R)
     A = tl.zeros([BK, BV], tl.float32)  # A_i: Q dO^T from the right, F decays, diagonal included
     a = tl.zeros([BK], tl.float32)  # its dn column
+    if dhn_ptr is not None:  # the final state's gradient dS_L enters at row boundary L (exp(P_L - F_(L-1)) = 1)
+        A += _load_state(dhn_ptr, pid, o_k, o_v, DK, DV)
+        a += _load_vec(dhnz_ptr, pid, o_k, DK)
     carry_f = tl.sum(tl.zeros([R], tl.float32), 0)  # sum of dF over the rows right of this block
+    dl_final = carry_f  # <dS_L, S_L> (the left sweep's): the final state lies right of every row
+    if dlf_ptr is not None:
+        dl_final = tl.load(dlf_ptr + pid)
     for s in range(NB):
         rows = (NB - 1 - s) * R + o_r
         decF = tl.exp(_rec_log_gates(g_ptr, g_base, G_STRIDE, pad_ptr, b * L, rows + 1, L))
@@ -1011,11 +1033,15 @@ def _lion_s_causal_recurrent_bwd_right(
         dk = _feature_backward(xk, K, nk, dK, pad_ptr)
         _store_rows(dk_ptr, qk_base, rows, o_k, L, H * DK, DK, dk)
         _store_rows(dv_ptr, v_base, rows, o_v, L, H * DV, DV, dV)
-        dl = carry_f + tl.sum(dF, 0) - tl.cumsum(dF, 0) + dF
+        dl = carry_f + tl.sum(dF, 0) - tl.cumsum(dF, 0) + dF + dl_final
         carry_f += tl.sum(dF, 0)
         zg = tl.load(g_ptr + g_base + rows * G_STRIDE, mask=rows < L, other=0.0).to(tl.float32)
         dl = tl.where(_real_rows(pad_ptr, b * L, rows, L), dl, 0.0)  # l = 0 on pads, whatever their gate
         tl.store(dg_ptr + n_base + rows * H, (dl * _log_decay_grad(zg)).to(dg_ptr.dtype.element_ty), mask=rows < L)
+    if dh0_ptr is not None:  # d initial_state = exp(F_0) A_0 (F_0 = l_0: row 0's own decay, as the chunk form)
+        e0 = tl.exp(tl.sum(tl.where(o_r == 0, _rec_log_gates(g_ptr, g_base, G_STRIDE, pad_ptr, b * L, o_r, L), 0.0), 0))
+        _store_state(dh0_ptr, pid, o_k, o_v, DK, DV, A * e0)
+        _store_vec(dh0z_ptr, pid, o_k, DK, a * e0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1333,7 +1359,9 @@ def _recurrent_args(shape, st) -> dict:
                 BK=st.block_k, BV=st.block_v, R=min(16, triton.next_power_of_2(shape.length)), num_warps=warps)
 
 
-def _recurrent_forward(q, k, v, gate, pad, shape, st):
+def _recurrent_forward(q, k, v, gate, pad, shape, st, initial=(None, None), final=(None, None)):
+    """initial, final: as in _chunk_forward (the sweep starts from the initial state, its state after the
+    last token is the final state)."""
     # No memory besides y and n.
     B, L, H = shape.batch, shape.length, shape.heads
     grid = (B * H,)
@@ -1341,11 +1369,15 @@ def _recurrent_forward(q, k, v, gate, pad, shape, st):
     y = torch.empty_like(v)
     n = torch.empty(B, L, H, dtype=torch.float32, device=q.device)  # the row sums, kept for the backward
     inputs = (q, k, v, pad, *_gate_layout(gate, shape))
-    launch(_lion_s_causal_recurrent_fwd_left, grid, *inputs, y, n, **args)
+    state = (initial[0], initial[1], final[0], final[1])
+    launch(_lion_s_causal_recurrent_fwd_left, grid, *inputs, y, n, *state, **args)
     return y, n, ()
 
 
-def _recurrent_backward(q, k, v, gate, pad, y, n, dy, saved, shape, st):
+def _recurrent_backward(
+    q, k, v, gate, pad, y, n, dy, saved, shape, st, initial=(None, None), d_final=(None, None), d_initial=(None, None)
+):
+    """initial, d_final, d_initial: as in _chunk_backward."""
     # Memory besides the gradients: the gate terms' left halves, fp32 (B, L, H).
     B, L, H = shape.batch, shape.length, shape.heads
     grid = (B * H,)
@@ -1356,8 +1388,12 @@ def _recurrent_backward(q, k, v, gate, pad, y, n, dy, saved, shape, st):
     inputs = (q, k, v, pad, *_gate_layout(gate, shape), y, n, dy)
     terms = torch.empty(1, B, L, H, dtype=torch.float32, device=q.device)  # tF
     dgate = torch.empty_like(gate, memory_format=torch.contiguous_format)  # (B, L, H)
-    launch(_lion_s_causal_recurrent_bwd_left, grid, *inputs, dq, terms[0], **args)
-    launch(_lion_s_causal_recurrent_bwd_right, grid, *inputs, terms[0], dk, dv, dgate, **args)
+    # <dS_L, S_L> per (b, h): the left sweep ends at S_L (no saved final state needed), the right sweep adds it
+    dl_final = None if d_final[0] is None else torch.empty(B * H, dtype=torch.float32, device=q.device)
+    left = (initial[0], initial[1], d_final[0], d_final[1], dl_final)
+    right = (d_final[0], d_final[1], d_initial[0], d_initial[1], dl_final)
+    launch(_lion_s_causal_recurrent_bwd_left, grid, *inputs, dq, terms[0], *left, **args)
+    launch(_lion_s_causal_recurrent_bwd_right, grid, *inputs, terms[0], dk, dv, dgate, *right, **args)
     return dq, dk, dv, dgate
 
 
@@ -1366,7 +1402,7 @@ _BACKWARD = {"chunk": _chunk_backward, "parallel": _parallel_backward, "recurren
 
 
 class _Function(torch.autograd.Function):
-    """The kernel forms with autograd. With a causal state (chunk form only) the initial state is an input and the final state a second output, both differentiable."""
+    """The kernel forms with autograd. With a causal state (chunk and recurrent forms) the initial state is an input and the final state a second output, both differentiable."""
 
     @staticmethod
     def forward(ctx, q, k, v, gate, pad, initial_state, shape, st, algorithm, output_final_state):
@@ -1581,8 +1617,8 @@ def lion_s_causal(
     in the torch and reference forms), None for zero; row i gets exp(F_i) Q_i S0 on top of the usual sum.
     output_final_state: also return the state at row boundary L, S_L = sum_j exp(P_L - F_j) K_j v'_j^T +
     exp(P_L) S0, in the layout of initial_state: returns (y, final_state). S_L = S0 of the next call, and of
-    lion_s_causal_step. Gradients flow into initial_state and from final_state. Forms "chunk", "torch",
-    "reference" and "auto"; not "parallel".
+    lion_s_causal_step. Gradients flow into initial_state and from final_state. Forms "chunk", "recurrent",
+    "torch", "reference" and "auto"; not "parallel".
     """
     shape = check_inputs(q, k, v, gate, FAMILY)
     pad = check_key_padding_mask(key_padding_mask, shape, q.device)

@@ -1,4 +1,4 @@
-"""The causal state: initial_state / output_final_state on the chunk, torch and reference forms, and the
+"""The causal state: initial_state / output_final_state on the chunk, recurrent, torch and reference forms, and the
 one-token ``<name>_step``, against an independent float64 token-by-token recurrence (lion_math.md
 section 2, causal) differentiated by torch's autograd.
 
@@ -156,7 +156,7 @@ def check_against_recurrence(
 
 
 @pytest.mark.parametrize("name", CAUSAL)
-@pytest.mark.parametrize("form", ["chunk", "torch", "reference"])
+@pytest.mark.parametrize("form", ["chunk", "recurrent", "torch", "reference"])
 def test_initial_and_final_state_against_the_recurrence(name, form):
     """Output, final state and every gradient (initial_state and the gate included) with a loss that uses
     both the output and the final state; L = 37 is not a multiple of the chunk (16)."""
@@ -175,6 +175,20 @@ def test_chunk_form_state_paths(name, S0_given, use_y, use_final):
     state alone (its gate gradient is the <dS_L, S_L> share of every row and the keys' terms)."""
     mod, fn, _ = get(name)
     check_against_recurrence(mod, fn, "chunk", 16, S0_given, use_y, use_final)
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+@pytest.mark.parametrize(
+    "S0_given,use_y,use_final",
+    [(True, 1.0, 0.0), (False, 1.0, 1.0), (True, 0.0, 1.0)],
+    ids=["no-final-grad", "zero-initial", "final-only"],
+)
+def test_recurrent_form_state_paths(name, S0_given, use_y, use_final):
+    """The same paths through the recurrent form's sweeps: S0 starts the forward and the left backward sweep,
+    dS_L the right one (its gate share <dS_L, S_L> from the left sweep's final S); L = 37 is not a multiple of
+    the sweeps' 16-row blocks."""
+    mod, fn, _ = get(name)
+    check_against_recurrence(mod, fn, "recurrent", 16, S0_given, use_y, use_final)
 
 
 @pytest.mark.parametrize("name", CAUSAL)
@@ -203,6 +217,7 @@ def test_causal_decay_spec(causal_decay):
     """A fixed per-head decay (one gate per head: its gradient sums every row's share)."""
     check_against_recurrence(causal_decay, causal_decay.causal_decay, "chunk", 16, True, 1.0, 1.0)
     check_against_recurrence(causal_decay, causal_decay.causal_decay, "torch", 16, True, 1.0, 1.0)
+    check_against_recurrence(causal_decay, causal_decay.causal_decay, "recurrent", 16, True, 1.0, 1.0)
 
 
 @pytest.mark.parametrize("name", [*CAUSAL, "causal_decay"])
@@ -355,11 +370,11 @@ def test_step_refuses_a_gate_without_a_mask_and_an_unknown_form():
 
 
 @pytest.mark.parametrize("name", CAUSAL)
-@pytest.mark.parametrize("form", ["chunk", "torch"])
+@pytest.mark.parametrize("form", ["chunk", "recurrent", "torch"])
 def test_state_under_torch_compile(name, form):
-    """fullgraph torch.compile with a state: the chunk form through its state custom ops, the torch form
+    """fullgraph torch.compile with a state: the chunk and recurrent forms through the state custom ops, the torch form
     traced; the outputs and every gradient (initial_state included) equal the eager ones."""
-    if form == "chunk" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    if form != "torch" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("needs a GPU or the Triton interpreter")
     mod, fn, _ = get(name)
     ins = inputs(mod, 1, 20, 2, 16, 8)
@@ -415,7 +430,7 @@ def test_stateful_kernels_compile_for_hopper(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", CAUSAL)
-@pytest.mark.parametrize("form", ["chunk", "torch", "reference"])
+@pytest.mark.parametrize("form", ["chunk", "recurrent", "torch", "reference"])
 def test_padded_batch_with_a_state_equals_its_sequences_without_pads(name, form):
     """key_padding_mask and a state together: left padding (batched prompts), pads in the middle; each
     sequence's real rows, its final state and every gradient equal those of its real rows alone, run from

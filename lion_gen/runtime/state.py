@@ -17,7 +17,7 @@ import torch
 
 from .checks import KernelSettings, Shape, _pow2_at_least, kernel_settings
 
-STATE_FORMS = ("chunk", "torch", "reference")
+STATE_FORMS = ("chunk", "recurrent", "torch", "reference")
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -52,7 +52,8 @@ def check_state(
         )
     if algorithm not in STATE_FORMS:
         raise ValueError(
-            f"{what} is supported by form='chunk', 'torch', 'reference' and 'auto', not by form={algorithm!r}"
+            f"{what} is supported by form='chunk', 'recurrent', 'torch', 'reference' and 'auto', "
+            f"not by form={algorithm!r}"
         )
     if initial_state is not None:
         check_state_tensor(
