@@ -773,6 +773,12 @@ def _feature_torch(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x + 1.0, torch.exp(torch.clamp(x, max=0.0)))
 
 
+def _phi_torch(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """phi(x) in dtype dt: the feature map (the torch forms' features)."""
+    f = _feature_torch(x.to(dt))
+    return f
+
+
 def _reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -788,15 +794,11 @@ def _reference(
     """
     dt = torch.promote_types(q.dtype, torch.float32)
 
-    def phi(x: torch.Tensor) -> torch.Tensor:
-        f = _feature_torch(x.to(dt))
-        return f
-
     log_gates = None
     if initial_state is not None or output_final_state:
         return reference_causal(
-            _scale(q.shape[-1]) * phi(q),
-            phi(k),
+            _scale(q.shape[-1]) * _phi_torch(q, dt),
+            _phi_torch(k, dt),
             v,
             log_gates,
             normalize_rows=False,
@@ -806,8 +808,8 @@ def _reference(
             key_padding_mask=pad,
         )
     return lion_reference(
-        _scale(q.shape[-1]) * phi(q),
-        phi(k),
+        _scale(q.shape[-1]) * _phi_torch(q, dt),
+        _phi_torch(k, dt),
         v,
         log_gates,
         causal=True,
@@ -845,12 +847,8 @@ def _torch_chunk(
     B, L, H, DK = q.shape
     DV = v.shape[-1]
 
-    def phi(x: torch.Tensor) -> torch.Tensor:  # (B, L, H, D) -> (B, H, L, D)
-        f = _feature_torch(x.to(dt))
-        return f.transpose(1, 2)
-
-    Q = _scale(DK) * phi(q)
-    K = phi(k)
+    Q = _scale(DK) * _phi_torch(q, dt).transpose(1, 2)  # (B, H, L, DK)
+    K = _phi_torch(k, dt).transpose(1, 2)
     kpm = key_padding_mask
     if kpm is not None:  # features zeroed after the feature map (phi(0) is not 0)
         real = kpm[:, None, :, None]  # (B, 1, L, 1)
@@ -1298,12 +1296,8 @@ def _step_torch(state, q, k, v, gate):
     """One token in plain torch (any device): the recurrence of the step kernel, in the state dtype."""
     dt = torch.promote_types(q.dtype, torch.float32)
 
-    def phi(x: torch.Tensor) -> torch.Tensor:
-        f = _feature_torch(x.to(dt))
-        return f
-
-    Q = _scale(q.shape[-1]) * phi(q)
-    K = phi(k)
+    Q = _scale(q.shape[-1]) * _phi_torch(q, dt)
+    K = _phi_torch(k, dt)
     V = v.to(dt)
     S = torch.zeros(*K.shape, V.shape[-1], dtype=dt, device=q.device) if state is None else state
     S = S + K[..., :, None] * V[..., None, :]

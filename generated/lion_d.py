@@ -1196,6 +1196,12 @@ def _feature_torch(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(x) + (1.0 / 2.0)
 
 
+def _phi_torch(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """phi(x) in dtype dt: the feature map, then / ||f(x)||_2 over the head dim (the torch forms' features)."""
+    f = _feature_torch(x.to(dt))
+    return f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 def _log_decay_torch(z: torch.Tensor) -> torch.Tensor:
     return -torch.nn.functional.softplus(-z)
 
@@ -1216,14 +1222,10 @@ def _reference(
     """
     dt = torch.promote_types(q.dtype, torch.float32)
 
-    def phi(x: torch.Tensor) -> torch.Tensor:
-        f = _feature_torch(x.to(dt))
-        return f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
     log_gates = _log_decay_torch(gate.to(dt)).expand(q.shape[0], q.shape[1], q.shape[2])
     return lion_reference(
-        _scale(q.shape[-1]) * phi(q),
-        phi(k),
+        _scale(q.shape[-1]) * _phi_torch(q, dt),
+        _phi_torch(k, dt),
         v,
         log_gates,
         causal=False,
@@ -1257,13 +1259,8 @@ def _torch_chunk(
     B, L, H, DK = q.shape
     DV = v.shape[-1]
 
-    def phi(x: torch.Tensor) -> torch.Tensor:  # (B, L, H, D) -> (B, H, L, D)
-        f = _feature_torch(x.to(dt))
-        f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return f.transpose(1, 2)
-
-    Q = _scale(DK) * phi(q)
-    K = phi(k)
+    Q = _scale(DK) * _phi_torch(q, dt).transpose(1, 2)  # (B, H, L, DK)
+    K = _phi_torch(k, dt).transpose(1, 2)
     kpm = key_padding_mask
     if kpm is not None:  # features zeroed after the feature map (phi(0) is not 0)
         real = kpm[:, None, :, None]  # (B, 1, L, 1)
