@@ -159,6 +159,7 @@ def capture(
     device: str | None = None,
     torch_ops: list[TorchOp] | None = None,
     schedule_bh: int | None = None,
+    packed: list[int] | None = None,
 ) -> list[Launch]:
     """Every launch of generated.<name> forward and backward at (B, L, H, D), in launch order.
 
@@ -168,6 +169,7 @@ def capture(
     torch_ops (dry runs only): a list that receives the torch ops the host code runs outside the kernels.
     schedule_bh: schedule the launches as for this many (b, h) pairs (the chunk form's segment length depends
     on B * H), so that a run at a small B * H counts, per (b, h), exactly what the full shape does.
+    packed: sequence lengths; the op then runs on one packed batch of them (B = 1, L = their sum, cu_seqlens).
     """
     mod = importlib.import_module(f"generated.{name}")
     op = getattr(mod, name)
@@ -204,7 +206,8 @@ def capture(
         mod.segment_chunks = lambda bh, n, dev: real_schedule(schedule_bh, n, dev)
     try:
         with counter if counter is not None else contextlib.nullcontext(), mode:
-            y = op(q, k, v, gate, form=form, chunk_size=chunk)
+            extra = {} if packed is None else {"cu_seqlens": _cu_seqlens(packed, q.device)}
+            y = op(q, k, v, gate, form=form, chunk_size=chunk, **extra)
             phase[0] = "backward"
             y.backward(dy)
     finally:
@@ -214,6 +217,10 @@ def capture(
     if counter is not None and (counter.outside.read or counter.outside.written):
         raise RuntimeError(f"memory traffic outside any launch: {counter.outside}")
     return launches
+
+
+def _cu_seqlens(lengths: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device=device)
 
 
 _ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias"}
@@ -672,6 +679,43 @@ def count_traffic(c: Config, count_batch: int = 1, count_heads: int = 2) -> Coun
     return Counts(anchor, counted, torch_ops, cb, ch, dtype, note)
 
 
+def packed_overhead(
+    spec: str, lengths: list[int], H: int, D: int, dtype: torch.dtype, chunk: int | None, form: str
+) -> dict[str, Any]:
+    """What a packed batch (cu_seqlens) moves against the same tokens unpacked, all counted under the
+    interpreter: the packed call; each sequence in a call of its own (B = 1); and the padded batch a user
+    would otherwise build (B = N, L = the longest). Bytes read + written by the kernels, and programs
+    launched (a packed grid spans the longest sequence: programs past a shorter one's end return at once)."""
+    runs = {"packed": [capture(spec, 1, sum(lengths), H, D, dtype, chunk, form, count=True, packed=lengths)]}
+    runs["one call per sequence"] = [capture(spec, 1, n, H, D, dtype, chunk, form, count=True) for n in lengths if n]
+    runs["padded batch"] = [capture(spec, len(lengths), max(lengths), H, D, dtype, chunk, form, count=True)]
+    out: dict[str, Any] = {"lengths": lengths, "H": H, "D": D, "dtype": str(dtype).removeprefix("torch.")}
+    for label, calls in runs.items():
+        recs = [r for call in calls for r in call]
+        out[label] = {
+            "calls": len(calls),
+            "launches": len(recs),
+            "bytes": sum(r.read + r.written for r in recs),
+            "programs": sum(r.programs for r in recs),
+        }
+    base = out["one call per sequence"]["bytes"]
+    for label in runs:
+        out[label]["bytes_over_unpacked"] = out[label]["bytes"] / base
+    return out
+
+
+def packed_table(o: dict[str, Any]) -> str:
+    head = f"{'':<24}{'calls':>7}{'launches':>10}{'programs':>10}{'MB moved':>11}{'vs unpacked':>13}"
+    lines = [head, "-" * len(head)]
+    for label in ("packed", "one call per sequence", "padded batch"):
+        r = o[label]
+        lines.append(
+            f"{label:<24}{r['calls']:>7}{r['launches']:>10}{r['programs']:>10}{r['bytes'] / 1e6:>11.3f}"
+            f"{r['bytes_over_unpacked']:>12.3f}x"
+        )
+    return "\n".join(lines)
+
+
 def traffic_summary(
     c: Config, family: str, launches: list[Launch], torch_ops: list[TorchOp] | tuple = ()
 ) -> dict[str, Any]:
@@ -817,6 +861,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="B = 1, L = 200, H = 2: a quick run")
     p.add_argument("--no-count", action="store_true", help="skip the interpreted traffic counts")
     p.add_argument("--no-compile", action="store_true", help="skip the sm_90a compile")
+    p.add_argument(
+        "--packed",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        metavar="L1,L2,...",
+        help="instead: count a packed batch (cu_seqlens) of these lengths against the same tokens unpacked",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     if args.small:
@@ -837,6 +888,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     dry_launches: list[Launch] = []
     print(f"lion-gen cost report: COUNTS, NOT TIMINGS (no GPU used). commit {report['commit']}, {report['date']}")
+    if args.packed is not None:
+        if not args.packed or min(args.packed) < 0 or max(args.packed) == 0:
+            p.error("--packed needs non-negative lengths, at least one of them positive")
+        dtype = torch.float16 if args.dtype == "bf16" else DTYPES[args.dtype]  # the interpreter's bf16 is partial
+        print(f"\n== {args.spec}, form={args.form}, packed lengths {args.packed}, H={args.H} D={args.D} ({dtype})")
+        report["packed"] = packed_overhead(args.spec, args.packed, args.H, args.D, dtype, args.chunk, args.form)
+        print(packed_table(report["packed"]))
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"cost_{args.spec}_{args.form}_packed.json"
+        path.write_text(json.dumps(report, indent=1))
+        print(f"\nJSON: {path}")
+        return 0
     for L in args.L:
         c = Config(
             args.spec, args.B or max(1, ANCHOR_TOKENS // L), L, args.H, args.D, args.dtype, args.chunk, args.form

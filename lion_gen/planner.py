@@ -349,7 +349,8 @@ def _causal(s: Switches) -> bool:  # a state at a row boundary summarizes the pr
 # fp32 (Dk,) normalizer columns "z" (kernel arguments role_ptr and rolez_ptr); "gate", the raw gate
 # (g_ptr, G_ROWED: whether its offset has a per-row part, G_STRIDE: its row stride); "numbers", fp32
 # numbers per row, chunk or segment; "mask", the key padding mask (B, L) (pad_ptr, None when the call has
-# no mask: the kernels branch on it at compile time).
+# no mask: the kernels branch on it at compile time); "table", the packed batch's int32 sequence table
+# (seqs_ptr, None for a (B, L) batch: compiled out).
 BUFFERS: dict[str, tuple[str, str, Callable[[Switches], bool]]] = {
     # inputs of the op (written by no stage)
     "q": ("queries (B, L, H, Dk)", "rows", _always),
@@ -357,6 +358,11 @@ BUFFERS: dict[str, tuple[str, str, Callable[[Switches], bool]]] = {
     "v": ("values (B, L, H, Dv)", "rows", _always),
     "gate": ("raw gates", "gate", _gated),
     "pad": ("the key padding mask (B, L), True = real token (or None)", "mask", _always),
+    "seqs": (
+        "packed batch (cu_seqlens): per sequence its first row, chunk and segment, (N + 1, 3) int32 (or None)",
+        "table",
+        _always,
+    ),
     "dy": ("the output's gradient (B, L, H, Dv)", "rows", _always),
     # causal state (docs/contract.md): optional, passed as None when absent (Triton specializes None)
     "initial_state": ("the state at row boundary 0, S0 (optional input)", "state", _causal),
@@ -421,7 +427,7 @@ STAGES: tuple[tuple[Any, ...], ...] = (
         "fwd_summary",
         "(b, h, segment)",
         "per-segment summaries of (K, v'), right to left, and the state entering each chunk from its right",
-        ("k", "v", "g=gate", "pad"),
+        ("k", "v", "g=gate", "pad", "seqs"),
         ("t=seg_decay", "rs=to_end", "sl=kv_summary_left", "sr=kv_summary_right", "cr=kv_chunk_right"),
         _always,
     ),
@@ -432,7 +438,7 @@ STAGES: tuple[tuple[Any, ...], ...] = (
         "fwd_scan",
         "(b, h)",
         "the (K, v') states carried into every segment (a short sequential scan over segments)",
-        ("t=seg_decay", "sl=kv_summary_left", "sr=kv_summary_right", "h0=initial_state"),
+        ("t=seg_decay", "sl=kv_summary_left", "sr=kv_summary_right", "h0=initial_state", "seqs"),
         ("hl=kv_carried_left", "hr=kv_carried_right"),
         _always,
     ),
@@ -454,6 +460,7 @@ STAGES: tuple[tuple[Any, ...], ...] = (
             "hr=kv_carried_right",
             "cr=kv_chunk_right",
             "h0=initial_state",
+            "seqs",
         ),
         ("y", "n", "hn=final_state"),
         _always,
@@ -474,6 +481,7 @@ STAGES: tuple[tuple[Any, ...], ...] = (
             "g=gate",
             "pad",
             ("hl=kv_carried_left", _global),
+            "seqs",
         ),
         ("dn", "sl=qd_summary_left", "sr=qd_summary_right", "cr=qd_chunk_right", ("dq", _global)),
         _always,
@@ -485,7 +493,14 @@ STAGES: tuple[tuple[Any, ...], ...] = (
         "bwd_scan",
         "(b, h)",
         "the (Q, dO') states carried into every segment",
-        ("t=seg_decay", "sl=qd_summary_left", "sr=qd_summary_right", "dhn=d_final_state", ("hn=final_state", _gated)),
+        (
+            "t=seg_decay",
+            "sl=qd_summary_left",
+            "sr=qd_summary_right",
+            "dhn=d_final_state",
+            ("hn=final_state", _gated),
+            "seqs",
+        ),
         ("hl=qd_carried_left", "hr=qd_carried_right", "dlf=dl_final"),
         _always,
     ),
@@ -515,6 +530,7 @@ STAGES: tuple[tuple[Any, ...], ...] = (
             "cq=qd_chunk_right",
             "h0=initial_state",
             "dhn=d_final_state",
+            "seqs",
         ),
         (("dq", _local), "dk", "dv", "df=dF", "tf=dF_sums", "dg=dG", "tg=dG_sums", "dh0=d_initial_state"),
         _always,
@@ -526,13 +542,13 @@ STAGES: tuple[tuple[Any, ...], ...] = (
         "gate_grad",
         "(b, h, segment)",
         "suffix sums of the gate terms, times d log_decay / dz",
-        ("g=gate", "pad", "df=dF", "tf=dF_sums", "dg=dG", "tg=dG_sums", "dlf=dl_final"),
+        ("g=gate", "pad", "df=dF", "tf=dF_sums", "dg=dG", "tg=dG_sums", "dlf=dl_final", "seqs"),
         ("out=dgate",),
         _gated,
     ),
 )
 SINKS = ("y", "dq", "dk", "dv", "dgate", "final_state", "d_initial_state")  # what the op returns
-INPUTS = ("q", "k", "v", "gate", "pad", "dy", "initial_state", "d_final_state")  # what no stage writes
+INPUTS = ("q", "k", "v", "gate", "pad", "seqs", "dy", "initial_state", "d_final_state")  # what no stage writes
 
 
 def _entry(entry: Entry, switches: Switches) -> tuple[str, str] | None:

@@ -564,7 +564,7 @@ def test_every_switch_combination_gives_a_dag_that_produces_every_gradient(gated
     assert ("n" in written) == ("dn" in written) == (normalize and not glob)
     read = {b for n in g for b in g.nodes[n]["reads"]}
     assert read <= written | set(INPUTS)  # nothing is read that no stage writes but the op's inputs
-    assert set(INPUTS) == {"q", "k", "v", "gate", "pad", "dy", "initial_state", "d_final_state"}
+    assert set(INPUTS) == {"q", "k", "v", "gate", "pad", "seqs", "dy", "initial_state", "d_final_state"}
 
 
 def test_normalize_rows_false_drops_the_denominator():

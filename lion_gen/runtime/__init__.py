@@ -12,9 +12,12 @@ from .checks import (
 from .launch import launch, on_device
 from .reference import lion_reference
 from .schedule import segment_chunks
+from .varlen import Seqs, check_cu_seqlens, packed, per_sequence
 
 __all__ = [
     "FORMS",
+    "Seqs",
+    "check_cu_seqlens",
     "check_chunk_size",
     "check_inputs",
     "check_key_padding_mask",
@@ -23,6 +26,8 @@ __all__ = [
     "launch",
     "lion_reference",
     "on_device",
+    "packed",
+    "per_sequence",
     "resolve_form",
     "segment_chunks",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,11 +19,25 @@ MAX_HEAD_DIM = 256
 
 @dataclass(frozen=True)
 class Shape:
+    """The sizes of a call. A packed batch (cu_seqlens) has batch 1, length T (all its tokens) and ``seqs``,
+    its sequences (lion_gen.runtime.varlen.Seqs); every other call has ``seqs`` None."""
+
     batch: int
     length: int
     heads: int
     dk: int
     dv: int
+    seqs: Any = None
+
+    @property
+    def sequences(self) -> int:
+        """The number of sequences: what states and per-(b, h) buffers count."""
+        return self.batch if self.seqs is None else self.seqs.count
+
+    @property
+    def longest(self) -> int:
+        """The longest sequence's length: what the grids and tile sizes are chosen for."""
+        return self.length if self.seqs is None else self.seqs.max_length
 
 
 def _check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:

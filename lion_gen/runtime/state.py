@@ -57,7 +57,7 @@ def check_state(
         )
     if initial_state is not None:
         check_state_tensor(
-            "initial_state", initial_state, q, shape.batch, shape.heads, shape.dk, shape.dv, normalize_rows
+            "initial_state", initial_state, q, shape.sequences, shape.heads, shape.dk, shape.dv, normalize_rows
         )
     return True
 
@@ -93,7 +93,7 @@ def split_state(state: torch.Tensor, normalize_rows: bool) -> tuple[torch.Tensor
 def state_buffers(shape: Shape, normalize_rows: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Uninitialized fp32 kernel buffers for one state per (b, h): (B * H, Dk, Dv) and the (B * H, Dk) z
     column (None when rows are not normalized)."""
-    bh = shape.batch * shape.heads
+    bh = shape.sequences * shape.heads
     kv = torch.empty(bh, shape.dk, shape.dv, dtype=torch.float32, device=device)
     z = torch.empty(bh, shape.dk, dtype=torch.float32, device=device) if normalize_rows else None
     return kv, z
@@ -210,3 +210,18 @@ def step_settings(q: torch.Tensor, b: int, h: int, dk: int, dv: int) -> KernelSe
     cannot run (dtype, head dims, device) as the kernel forms do."""
     st = kernel_settings(q, Shape(b, 1, h, dk, dv), None, 16)
     return KernelSettings(st.chunk, st.block_k, _pow2_at_least(dv + 1), st.precision)
+
+
+def fill_empty(dst: tuple, src: tuple, shape: Shape) -> None:
+    """A packed batch's sequences with no rows pass their state through: their kernel buffers in ``dst``
+    (the final state, or the initial state's gradient) get ``src`` (the initial state, or the final state's
+    gradient; 0 where it is None). The chunk form's kernels have no program for such a sequence."""
+    if shape.seqs is None or dst[0] is None:
+        return
+    empty = [i for i, n in enumerate(shape.seqs.lengths) if n == 0]
+    if not empty:
+        return
+    rows = (torch.tensor(empty)[:, None] * shape.heads + torch.arange(shape.heads)).flatten().to(dst[0].device)
+    for d, s in zip(dst, src, strict=True):
+        if d is not None:
+            d[rows] = 0.0 if s is None else s[rows].to(d.dtype)

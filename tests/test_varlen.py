@@ -1,0 +1,261 @@
+"""Packed batches (cu_seqlens): q, k, v (1, T, H, D) holding N sequences back to back, against per-sequence
+float64 references.
+
+Every sequence of a packed batch must give the outputs and gradients it gives alone (tests/oracle.py,
+float64, one sequence at a time), in every form (chunk, parallel, recurrent, torch, reference) and every
+spec: no chunk, segment, mask, gate or state crosses a boundary. Lengths cover the edge cases: 0 (an empty
+sequence), 1, an exact multiple of the chunk, lengths that are not, a single sequence, and a thousand
+short ones. Causal specs carry one state per sequence. Bad cu_seqlens are refused before any kernel runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import oracle
+import pytest
+import torch
+from test_kernels import FP32_FACTOR, SPECS, TOL, fp32_limited, rel_rms
+from test_state import recurrence
+
+FORMS = ["chunk", "parallel", "recurrent", "torch", "reference"]
+H, DK, DV, CHUNK = 2, 16, 16, 16
+LENGTHS = [5, 0, 37, 1, 16, 20]  # 79 rows: an empty sequence, one row, one full chunk, partial chunks
+
+
+def module(name: str):
+    return importlib.import_module(f"generated.{name}")
+
+
+def cu_of(lengths: list[int], device="cpu") -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def spans(lengths: list[int]) -> list[slice]:
+    starts = cu_of(lengths).tolist()
+    return [slice(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def inputs(mod, total: int, seed: int = 0, heads: int = H):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, total, heads, DK, generator=g, dtype=torch.float64)
+    k = torch.randn(1, total, heads, DK, generator=g, dtype=torch.float64)
+    v = torch.randn(1, total, heads, DV, generator=g, dtype=torch.float64)
+    gate = {
+        "none": None,
+        "decay": torch.randn(heads, generator=g, dtype=torch.float64),
+        "selective": torch.randn(1, total, heads, generator=g, dtype=torch.float64) * 2,
+    }[mod.FAMILY]
+    dy = torch.randn(1, total, heads, DV, generator=g, dtype=torch.float64)
+    return q, k, v, gate, dy
+
+
+def per_sequence_reference(mod, q, k, v, gate, dy, lengths, dtype=torch.float64) -> dict[str, torch.Tensor]:
+    """Each sequence alone through the oracle; outputs and gradients put back in place."""
+    out = {"y": torch.zeros_like(v, dtype=dtype), "q": torch.zeros_like(q, dtype=dtype)}
+    out["k"], out["v"] = torch.zeros_like(k, dtype=dtype), torch.zeros_like(v, dtype=dtype)
+    if gate is not None:
+        out["gate"] = torch.zeros_like(gate, dtype=dtype)
+    for rows in spans(lengths):
+        if rows.start == rows.stop:
+            continue
+        x = [t[:, rows].detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        g = None
+        if mod.FAMILY == "selective":
+            g = gate[:, rows].detach().to(dtype).requires_grad_()
+        elif mod.FAMILY == "decay":
+            g = gate.detach().to(dtype).clone().requires_grad_()
+        y = oracle.attention(mod.SPEC, *x, g)
+        y.backward(dy[:, rows].to(dtype))
+        out["y"][:, rows] = y.detach()
+        for label, t in zip("qkv", x, strict=True):
+            out[label][:, rows] = t.grad
+        if mod.FAMILY == "selective":
+            out["gate"][:, rows] = g.grad
+        elif mod.FAMILY == "decay":
+            out["gate"] += g.grad
+    return out
+
+
+def run(mod, form, q, k, v, gate, dy, cu, device, dtype=torch.float32, **kwargs):
+    """The op on a packed batch in ``dtype`` (the gate in float32); outputs and gradients on the CPU."""
+    x = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+    g = None if gate is None else gate.to(device, torch.float32).requires_grad_()
+    fn = getattr(mod, mod.SPEC["name"])
+    y = fn(*x, g, form=form, chunk_size=CHUNK, cu_seqlens=cu.to(device), **kwargs)
+    assert y.shape == v.shape and y.dtype == dtype
+    y.backward(dy.to(device, dtype))
+    got = {"y": y.detach().cpu(), **{label: t.grad.cpu() for label, t in zip("qkv", x, strict=True)}}
+    if g is not None:
+        got["gate"] = g.grad.cpu()
+    return got
+
+
+def check(mod, form, lengths, device, seed=0, dtype=torch.float32, heads=H):
+    q, k, v, gate, dy = inputs(mod, sum(lengths), seed, heads)
+    got = run(mod, form, q, k, v, gate, dy, cu_of(lengths), device, dtype)
+    ref = per_sequence_reference(mod, q, k, v, gate, dy, lengths)
+    longest = max(lengths)
+    limited = fp32_limited(mod.SPEC, mod.FAMILY, longest) if dtype == torch.float32 else []
+    ref32 = per_sequence_reference(mod, q, k, v, gate, dy, lengths, torch.float32) if limited else {}
+    for label, r in ref.items():
+        assert torch.isfinite(got[label]).all(), f"{mod.SPEC['name']} {form}: {label} not finite (unwritten?)"
+        err = rel_rms(got[label], r)
+        limit = TOL[dtype]
+        if label in limited:
+            limit = max(limit, FP32_FACTOR * rel_rms(ref32[label], r))
+        assert err <= limit, f"{mod.SPEC['name']} {form} {lengths}: {label} rel RMS {err:.3g} > {limit:.3g}"
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", SPECS)
+def test_packed_batch_equals_its_sequences(name, form, device):
+    check(module(name), form, LENGTHS, device)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_packed_segments_of_several_chunks(name, device, monkeypatch):
+    """Segments of 2 chunks: sequences of 1 to 5 chunks, so segments end inside and at a sequence's end,
+    and the scans over each sequence's segments start and stop at its boundaries."""
+    monkeypatch.setattr(module(name), "segment_chunks", lambda bh, n, dev: 2)
+    check(module(name), "chunk", [45, 3, 0, 70, 32], device)
+
+
+@pytest.mark.parametrize("form", ["chunk", "parallel", "recurrent"])
+@pytest.mark.parametrize("name", ["lion_s", "lion_lit", "lion_s_causal"])
+def test_float16_packed_batch(name, form, device):
+    check(module(name), form, LENGTHS, device, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("form", ["chunk", "parallel", "recurrent"])
+@pytest.mark.parametrize("name", ["lion_s", "lion_d"])
+def test_a_single_sequence_equals_the_unpacked_call(name, form, device):
+    mod = module(name)
+    q, k, v, gate, _ = inputs(mod, 45)
+    q, k, v = (t.to(device, torch.float32) for t in (q, k, v))
+    gate = None if gate is None else gate.to(device, torch.float32)
+    fn = getattr(mod, name)
+    whole = fn(q, k, v, gate, form=form, chunk_size=CHUNK)
+    packed = fn(q, k, v, gate, form=form, chunk_size=CHUNK, cu_seqlens=cu_of([45], device))
+    torch.testing.assert_close(packed, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["chunk", "recurrent"])
+def test_a_thousand_short_sequences(form, device):
+    """1000 sequences of 0 to 4 rows (T = 2001), one head: every boundary reset, every gradient."""
+    mod = module("lion_s")
+    lengths = torch.randint(0, 5, (1000,), generator=torch.Generator().manual_seed(3)).tolist()
+    check(mod, form, lengths, device, seed=4, heads=1)
+
+
+@pytest.mark.parametrize("form", ["chunk", "parallel", "recurrent", "torch"])
+def test_packed_batch_with_a_key_padding_mask(form, device):
+    """Both together: pads inside packed sequences are left out of their own sequence only."""
+    mod = module("lion_s")
+    lengths = [20, 0, 33, 7]
+    total = sum(lengths)
+    q, k, v, gate, dy = inputs(mod, total, seed=5)
+    mask = torch.ones(1, total, dtype=torch.bool)
+    mask[0, [0, 5, 6, 19, 20, 40, 52, 59]] = False
+    got = run(mod, form, q, k, v, gate, dy, cu_of(lengths), device, key_padding_mask=mask.to(device))
+    real = mask[0]
+    kept = [int(real[r].sum()) for r in spans(lengths)]  # each sequence without its pads
+    ref = per_sequence_reference(mod, q[:, real], k[:, real], v[:, real], gate[:, real], dy[:, real], kept)
+    for label, r in ref.items():
+        assert (got[label][:, ~real] == 0).all(), f"{label}: pad rows not 0"
+        err = rel_rms(got[label][:, real], r)
+        assert err <= TOL[torch.float32], f"{form}: {label} rel RMS {err:.3g}"
+
+
+@pytest.mark.parametrize("form", ["chunk", "recurrent", "torch", "reference"])
+@pytest.mark.parametrize("name", ["lion_s_causal", "linear_causal"])
+def test_packed_batch_with_a_state_per_sequence(name, form, device, monkeypatch):
+    """initial_state (N, H, Dk, Dv') and the final states: each sequence against the float64 recurrence of
+    tests/test_state.py from its own initial state; an empty sequence passes its state through (and its
+    gradient back). Every gradient, initial_state's included."""
+    mod = module(name)
+    if form == "chunk":
+        monkeypatch.setattr(mod, "segment_chunks", lambda bh, n, dev: 2)
+    lengths = [9, 0, 40, 1]
+    total = sum(lengths)
+    q, k, v, gate, dy = inputs(mod, total, seed=6)
+    dvp = DV + (1 if mod.SPEC["normalize_rows"] else 0)
+    g = torch.Generator().manual_seed(7)
+    S0 = torch.rand(len(lengths), H, DK, dvp, generator=g, dtype=torch.float64) * 3.0
+    dS = torch.randn(len(lengths), H, DK, dvp, generator=g, dtype=torch.float64)
+
+    ins = [t.clone().requires_grad_() for t in (q, k, v, gate, S0) if t is not None]
+    ys, finals = [], []
+    for i, rows in enumerate(spans(lengths)):
+        gi = None if gate is None else ins[3][:, rows]
+        s0 = ins[-1][i : i + 1]
+        if rows.start == rows.stop:
+            ys.append(ins[2][:, rows] * 0)
+            finals.append(s0)
+            continue
+        y, s = recurrence(mod.SPEC, ins[0][:, rows], ins[1][:, rows], ins[2][:, rows], gi, s0)
+        ys.append(y)
+        finals.append(s)
+    y_ref, S_ref = torch.cat(ys, 1), torch.cat(finals, 0)
+    ref = torch.autograd.grad((y_ref * dy).sum() + (S_ref * dS).sum(), ins)
+
+    dt = torch.float32
+    x = [t.detach().to(device, dt).requires_grad_() for t in ins]
+    gx = x[3] if gate is not None else None
+    fn = getattr(mod, name)
+    y, S = fn(*x[:3], gx, form=form, chunk_size=CHUNK, cu_seqlens=cu_of(lengths, device),
+              initial_state=x[-1], output_final_state=True)  # fmt: skip
+    assert S.shape == S0.shape
+    got = torch.autograd.grad((y * dy.to(device, dt)).sum() + (S * dS.to(device, dt)).sum(), x)
+    for label, a, b in [("y", y, y_ref), ("final_state", S, S_ref)] + list(
+        zip(["q", "k", "v", *(["gate"] if gate is not None else []), "initial_state"], got, ref, strict=True)
+    ):
+        err = rel_rms(a.cpu(), b)
+        assert err <= TOL[dt], f"{name} {form}: {label} rel RMS {err:.3g}"
+    empty = lengths.index(0)
+    torch.testing.assert_close(S[empty].cpu().double(), S0[empty], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_bad_cu_seqlens_are_refused_before_any_kernel_runs(form, device, monkeypatch):
+    mod = module("lion_s")
+    q, k, v, gate, _ = inputs(mod, 20)
+    q, k, v, gate = (t.to(device, torch.float32) for t in (q, k, v, gate))
+
+    def boom(*a, **kw):
+        raise AssertionError("a kernel ran")
+
+    monkeypatch.setattr(mod, "launch", boom)
+    monkeypatch.setattr(mod, "_reference", boom)
+    monkeypatch.setattr(mod, "_torch_chunk", boom)
+    good = cu_of([5, 15], device)
+    for bad, err, words in (
+        (good.long(), TypeError, "int32"),
+        (good.float(), TypeError, "int32"),
+        ([0, 5, 20], TypeError, "torch.Tensor"),
+        (good[None], ValueError, "1-D"),
+        (good[:1], ValueError, "1-D"),
+        (good.to("meta"), ValueError, "device"),
+        (good + 1, ValueError, "start at 0"),
+        (cu_of([5, 15], device).flip(0).contiguous(), ValueError, "start at 0"),
+        (torch.tensor([0, 12, 5, 20], dtype=torch.int32, device=device), ValueError, "non-decreasing"),
+        (cu_of([5, 14], device), ValueError, "end at T = 20"),
+        (cu_of([5, 16], device), ValueError, "end at T = 20"),
+    ):
+        with pytest.raises(err, match="cu_seqlens") as info:
+            mod.lion_s(q, k, v, gate, form=form, chunk_size=16, cu_seqlens=bad)
+        assert words in str(info.value), str(info.value)
+    two = torch.cat([q, q])
+    with pytest.raises(ValueError, match="cu_seqlens") as info:
+        mod.lion_s(two, two, torch.cat([v, v]), torch.cat([gate, gate]), form=form, cu_seqlens=good)
+    assert "(1, T, H, D)" in str(info.value)
+
+
+def test_one_state_per_sequence_is_checked():
+    mod = module("lion_s_causal")
+    q, k, v, gate, _ = inputs(mod, 20)
+    q, k, v, gate = (t.float() for t in (q, k, v, gate))
+    wrong = torch.zeros(1, H, DK, DV + 1)  # one state, two sequences
+    with pytest.raises(ValueError, match="initial_state") as info:
+        mod.lion_s_causal(q, k, v, gate, form="chunk", cu_seqlens=cu_of([5, 15]), initial_state=wrong)
+    assert "(2, 2, 16, 17)" in str(info.value)
