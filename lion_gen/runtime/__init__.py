@@ -12,10 +12,13 @@ from .checks import (
 from .launch import launch, on_device
 from .reference import lion_reference
 from .schedule import segment_chunks
+from .varlen import Seqs, check_cu_seqlens, per_sequence
 
 __all__ = [
     "FORMS",
+    "Seqs",
     "check_chunk_size",
+    "check_cu_seqlens",
     "check_inputs",
     "check_key_padding_mask",
     "check_scale",
@@ -23,6 +26,7 @@ __all__ = [
     "launch",
     "lion_reference",
     "on_device",
+    "per_sequence",
     "resolve_form",
     "segment_chunks",
 ]
