@@ -19,6 +19,7 @@ __all__ = [
     "Seqs",
     "check_cu_seqlens",
     "check_chunk_size",
+    "check_cu_seqlens",
     "check_inputs",
     "check_key_padding_mask",
     "check_scale",
