@@ -15,6 +15,7 @@ import importlib
 import oracle
 import pytest
 import torch
+import triton
 from test_kernels import FP32_FACTOR, SPECS, TOL, fp32_limited, rel_rms
 from test_state import recurrence
 
@@ -259,3 +260,22 @@ def test_one_state_per_sequence_is_checked():
     with pytest.raises(ValueError, match="initial_state") as info:
         mod.lion_s_causal(q, k, v, gate, form="chunk", cu_seqlens=cu_of([5, 15]), initial_state=wrong)
     assert "(2, 2, 16, 17)" in str(info.value)
+
+
+@pytest.mark.skipif("nvidia" not in triton.backends.backends, reason="Triton's NVIDIA backend is not installed")
+@pytest.mark.parametrize("name", ["lion_s", "lion_s_causal"])
+def test_packed_kernels_compile_for_hopper(name):
+    """The kernels specialized for a packed batch (the sequence table a pointer, early exits) compile for
+    sm_90a as their launches build them (benchmarks/cost.py: a dry run records each launch)."""
+    from benchmarks import cost
+
+    launches = []
+    for form in cost.KERNEL_FORMS:
+        recs = cost.capture(name, 1, 300, 4, 64, torch.float16, 64, form, device="cpu", packed=[100, 0, 37, 163])
+        assert recs and all(any(isinstance(a, dict) and a.get("tensor") == "int32" for a in r.args) for r in recs), (
+            f"{form}: a launch without the sequence table"
+        )
+        launches += recs
+    for r in cost.compile_launches(launches, ptxas_log=False):
+        assert r["error"] is None, (r["kernel"], r["error"])
+        assert r["shared"] <= cost.H100_SHARED, (r["kernel"], r["shared"])
