@@ -321,7 +321,6 @@ TILES_HELPERS = (
     "_load_vec_if",
     "_mask",
     "_sdot",
-    "_sdot_a",
     "_softplus",
     "_sround",
     "_store_rows",

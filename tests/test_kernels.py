@@ -144,13 +144,16 @@ def test_head_dims(name, dk, dv, form, device):
     compare(name, 1, 130, 2, dk, dv, 16, device, form=form)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["lion_lit", "lion_d", "lion_s", "lion_s_causal"])
-def test_half_precision(name, dtype, device):
+@pytest.mark.parametrize("L", [37, 130])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("name", SPECS)
+def test_half_precision(name, dtype, L, device):
+    """16-bit inputs, every gradient within 1e-2. At L = 130 (9 chunks of 16) a fixed decay's gradient sums
+    many cancelling terms: with the float16 state dots' row operand in one bf16 part, lion_d's was 69% off."""
     if dtype == torch.bfloat16 and INTERPRETED:
         pytest.skip("the Triton interpreter computes bfloat16 tl.dot wrongly (x @ x.T off by 1e10); GPU only")
-    compare(name, 1, 37, 2, 32, 32, 16, device, dtype=dtype)
-    compare(name, 1, 37, 2, 32, 32, 16, device, dtype=dtype, form="parallel")
+    compare(name, 1, L, 2, 32, 32, 16, device, dtype=dtype)
+    compare(name, 1, L, 2, 32, 32, 16, device, dtype=dtype, form="parallel")
 
 
 @pytest.mark.parametrize("form", ["chunk", "parallel"])

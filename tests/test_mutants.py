@@ -85,9 +85,16 @@ MUTANTS = [
     Mutant("key_weight_shifted_chunk_fwd", FWD, r"Kl = K \* tl\.exp\(total - pl\)", "Kl = K * tl.exp(total - cl)"),
     Mutant("row_mask_off_by_one", "_load_features", r"rows\[:, None\] < L", "rows[:, None] <= L"),
     Mutant(
+        "state_dots_row_operand_in_one_bf16_part",
+        "_sdot",
+        r"tl\.dot\(ahi, hi\) \+ tl\.dot\(alo, hi\) \+ tl\.dot\(ahi, lo\)",
+        "tl.dot(a.to(tl.bfloat16), hi) + tl.dot(a.to(tl.bfloat16), lo)",
+        TILES,
+    ),
+    Mutant(
         "state_dots_in_float16",
         "_sdot",
-        r"tl\.dot\(ab, hi\) \+ tl\.dot\(ab, lo\)",
+        r"tl\.dot\(ahi, hi\) \+ tl\.dot\(alo, hi\) \+ tl\.dot\(ahi, lo\)",
         "tl.dot(a.to(tl.float16), b.to(tl.float16))",
         TILES,
     ),
