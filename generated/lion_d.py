@@ -287,7 +287,7 @@ def _lion_d_fwd_summary(
         rows = n * C + o_c
         _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, b * L)
+        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, bos)
         tl.store(rs_ptr + cbase + n, R)
         if i > 0:  # the segment's last chunk has nothing right of it inside the segment: not stored, not read
             cidx = cbase + n
@@ -417,7 +417,7 @@ def _lion_d_fwd_output(
         Qs = _sround(Q, SD)  # Q as the state dots round it: the same rounding in num and den
         _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, b * L)
+        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, bos)
         wl = tl.exp(pl)[:, None]
         cidx = cbase + n
         to_end = tl.exp(tl.load(rs_ptr + cidx))  # exp(P_b - P_en): from this chunk's end to the segment's end
@@ -503,7 +503,7 @@ def _lion_d_bwd_summary(
         Q = Q * scale
         dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV, pad_ptr, bos)
         tl.store(dn_ptr + n_base + rows * H, dn, mask=rows < L)
-        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, b * L)
+        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, bos)
         if i > 0:  # the segment's last chunk has nothing right of it inside the segment: not stored, not read
             cidx = cbase + n
             _store_state(cr_ptr, cidx, o_k, o_v, DK, DV, sr)
@@ -644,7 +644,7 @@ def _lion_d_bwd_grads(
         xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
         dO, dn = _output_adjoint_dn(n_ptr, dy_ptr, dn_ptr, v_base, n_base, rows, o_v, L, H, eps, DV, pad_ptr, bos)
-        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, b * L)
+        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, bos)
         cidx = cbase + n
         inner = n < n1 - 1  # the per-chunk right states of the segment's last chunk are 0: not read
         to_end = tl.exp(tl.load(rs_ptr + cidx))  # exp(P_b - P_en)
@@ -816,7 +816,7 @@ def _lion_d_parallel_fwd(
     rows = t * C + o_c
     _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
     Qd = (Q * scale).to(dt)
-    _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, b * L)
+    _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, bos)
 
     # the diagonal tile
     _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
@@ -894,7 +894,7 @@ def _lion_d_parallel_bwd_q(
     Qd = Q.to(dt)
     dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV, pad_ptr, bos)
     dOd = dO.to(dt)
-    _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, b * L)
+    _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, bos)
 
     # the diagonal tile
     _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
@@ -980,7 +980,7 @@ def _lion_d_parallel_bwd_kv(
     xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
     Kd = K.to(dt)
     V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-    _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, b * L)
+    _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, bos)
 
     # the diagonal tile
     _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)

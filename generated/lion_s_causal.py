@@ -293,7 +293,7 @@ def _lion_s_causal_fwd_summary(
         rows = n * C + o_c
         _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, b * L)
+        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, bos)
         tl.store(rs_ptr + cbase + n, R)
         Xl = K * tl.exp(R + total - cl)[:, None]
         sl += _sdot(tl.trans(Xl), V, SD, PREC)
@@ -404,7 +404,7 @@ def _lion_s_causal_fwd_output(
         Qs = _sround(Q, SD)  # Q as the state dots round it: the same rounding in num and den
         _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, b * L)
+        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, bos)
         wl = tl.exp(cl)[:, None]
         # the normalizer's state terms first: the fp32 Qs is dead before the dots (fewer live registers)
         den = tl.sum(wl * Qs * zl[None, :], 1)
@@ -483,7 +483,7 @@ def _lion_s_causal_bwd_summary(
         Q = Q * scale
         dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV, pad_ptr, bos)
         tl.store(dn_ptr + n_base + rows * H, dn, mask=rows < L)
-        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, b * L)
+        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, bos)
         if i > 0:  # the segment's last chunk has nothing right of it inside the segment: not stored, not read
             cidx = cbase + n
             _store_state(cr_ptr, cidx, o_k, o_v, DK, DV, sr)
@@ -612,7 +612,7 @@ def _lion_s_causal_bwd_grads(
         xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
         V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
         dO, dn = _output_adjoint_dn(n_ptr, dy_ptr, dn_ptr, v_base, n_base, rows, o_v, L, H, eps, DV, pad_ptr, bos)
-        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, b * L)
+        _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, bos)
         cidx = cbase + n
         inner = n < n1 - 1  # the per-chunk right states of the segment's last chunk are 0: not read
         to_end = tl.exp(tl.load(rs_ptr + cidx))  # exp(P_b - P_en)
@@ -765,7 +765,7 @@ def _lion_s_causal_parallel_fwd(
     rows = t * C + o_c
     _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
     Qd = (Q * scale).to(dt)
-    _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, b * L)
+    _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, bos)
 
     # the diagonal tile
     _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
@@ -830,7 +830,7 @@ def _lion_s_causal_parallel_bwd_q(
     Qd = Q.to(dt)
     dO, dn = _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV, pad_ptr, bos)
     dOd = dO.to(dt)
-    _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, b * L)
+    _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, bos)
 
     # the diagonal tile
     _, K, _ = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
@@ -899,7 +899,7 @@ def _lion_s_causal_parallel_bwd_kv(
     xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
     Kd = K.to(dt)
     V = _load_rows(v_ptr, v_base, rows, o_v, L, H * DV, DV)
-    _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, b * L)
+    _, pl, cl, total = _chunk_gates(g_ptr, g_base, G_STRIDE, rows, L, pad_ptr, bos)
 
     # the diagonal tile
     _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
