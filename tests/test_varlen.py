@@ -283,3 +283,16 @@ def test_packed_kernels_compile_for_hopper(name):
     for r in cost.compile_launches(launches, ptxas_log=False):
         assert r["error"] is None, (r["kernel"], r["error"])
         assert r["shared"] <= cost.H100_SHARED, (r["kernel"], r["shared"])
+
+
+@pytest.mark.parametrize("form", ["chunk", "torch"])
+def test_generated_layer_takes_a_packed_batch(form, device):
+    """The generated nn.Module: x (1, T, dim) with cu_seqlens gives each sequence's rows of its own call."""
+    mod = module("lion_s")
+    torch.manual_seed(0)
+    layer = mod.LionS(32, 2, form=form, chunk_size=CHUNK).to(device)
+    lengths = [9, 0, 30]
+    x = torch.randn(1, sum(lengths), 32, device=device)
+    y = layer(x, cu_seqlens=cu_of(lengths, device))
+    alone = torch.cat([layer(x[:, r]) for r in spans(lengths) if r.stop > r.start], 1)
+    torch.testing.assert_close(y, alone, rtol=1e-5, atol=1e-5)
