@@ -1625,7 +1625,8 @@ def _parallel_backward(q, k, v, gate, pad, y, n, dy, saved, shape, st):
     def suffix(x: torch.Tensor, inclusive: bool) -> torch.Tensor:  # sum_{m >= s} (inclusive) or m > s
         if shape.seqs is None:
             total = x.flip(1).cumsum(1).flip(1)
-        else:  # packed: the sums stop at each row's sequence end (in float64: differences of long sums)
+        else:  # packed: the sums stop at each row's sequence end (a sequence's gate terms sum to 0 in exact
+            # arithmetic, so this is for precision: in float64, as differences of long sums)
             total = x.double().flip(1).cumsum(1).flip(1)
             total = (total - torch.nn.functional.pad(total, (0, 0, 0, 1))[:, shape.seqs.row_ends(x.device)]).float()
         return total if inclusive else total - x
