@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
         (37, 16, 2),  # 3 chunks: a full segment, then a partial one with a partial chunk
         (130, 16, 4),  # 9 chunks in 3 segments, the last with one partial chunk
         (50, 16, 8),  # shorter than one segment
+        (130, 16, 3),  # segments of an odd number of chunks (9 chunks: 3 + 3 + 3, the last one partial)
     ],
 )
 @pytest.mark.parametrize("name", SPECS)
