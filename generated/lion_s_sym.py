@@ -1490,7 +1490,7 @@ class _Schedule:
             self.seqs = shape.seqs.table(st.chunk, self.SEG)
             self.seg_counts = [triton.cdiv(triton.cdiv(n, st.chunk), self.SEG) for n in shape.seqs.lengths]
             self.chunks = self.H * shape.seqs.chunks(st.chunk)
-            self.segs = self.H * shape.seqs.segments(st.chunk, self.SEG)
+            self.segs = self.H * sum(self.seg_counts)
         # How dots with a carried state run (runtime.tiles._sdot): fp32 runs keep fp32; 16-bit runs use bf16
         # operands (fp16 cannot hold a state: it sums K v^T over the sequence), bfloat16 runs store their
         # states in bf16 too, float16 runs keep fp32 states and split them into two bf16 parts.
@@ -1809,9 +1809,12 @@ def lion_s_sym(
     initial_state, output_final_state: refused (ValueError): a bidirectional output depends on the whole
     sequence, later rows included, so no state of a prefix summarizes it.
     """
-    shape = packed(cu_seqlens, check_inputs(q, k, v, gate, FAMILY), q.device)
-    pad = check_key_padding_mask(key_padding_mask, shape, q.device)
+    shape = check_inputs(q, k, v, gate, FAMILY)
     algorithm = resolve_form(form, q.device)
+    # under torch.compile the kernel forms are custom ops that read and check the offsets themselves
+    traced = torch.compiler.is_compiling() and algorithm not in ("reference", "torch")
+    shape = packed(cu_seqlens, shape, q.device, values=not traced)
+    pad = check_key_padding_mask(key_padding_mask, shape, q.device)
     stateful = check_state(
         initial_state, output_final_state, q, shape, causal=False,
         normalize_rows=True, algorithm=algorithm,

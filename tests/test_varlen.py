@@ -13,11 +13,12 @@ from __future__ import annotations
 import importlib
 import os
 
-import oracle
 import pytest
 import torch
 import triton
-from test_kernels import FP32_FACTOR, SPECS, TOL, fp32_limited, rel_rms
+from test_kernels import SPECS, TOL, rel_rms
+from test_padding import assert_within_bar, forbid_kernels, reference_pieces, run
+from test_padding import inputs as padding_inputs
 from test_state import recurrence
 
 FORMS = ["chunk", "parallel", "recurrent", "torch", "reference"]
@@ -40,74 +41,24 @@ def spans(lengths: list[int]) -> list[slice]:
 
 
 def inputs(mod, total: int, seed: int = 0, heads: int = H):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, total, heads, DK, generator=g, dtype=torch.float64)
-    k = torch.randn(1, total, heads, DK, generator=g, dtype=torch.float64)
-    v = torch.randn(1, total, heads, DV, generator=g, dtype=torch.float64)
-    gate = {
-        "none": None,
-        "decay": torch.randn(heads, generator=g, dtype=torch.float64),
-        "selective": torch.randn(1, total, heads, generator=g, dtype=torch.float64) * 2,
-    }[mod.FAMILY]
-    dy = torch.randn(1, total, heads, DV, generator=g, dtype=torch.float64)
-    return q, k, v, gate, dy
+    """q, k, v, gate and dy of one packed batch of ``total`` rows (float64)."""
+    return padding_inputs(mod, total, seed, batch=1, heads=heads)
 
 
 def per_sequence_reference(mod, q, k, v, gate, dy, lengths, dtype=torch.float64) -> dict[str, torch.Tensor]:
     """Each sequence alone through the oracle; outputs and gradients put back in place."""
-    out = {"y": torch.zeros_like(v, dtype=dtype), "q": torch.zeros_like(q, dtype=dtype)}
-    out["k"], out["v"] = torch.zeros_like(k, dtype=dtype), torch.zeros_like(v, dtype=dtype)
-    if gate is not None:
-        out["gate"] = torch.zeros_like(gate, dtype=dtype)
-    for rows in spans(lengths):
-        if rows.start == rows.stop:
-            continue
-        x = [t[:, rows].detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        g = None
-        if mod.FAMILY == "selective":
-            g = gate[:, rows].detach().to(dtype).requires_grad_()
-        elif mod.FAMILY == "decay":
-            g = gate.detach().to(dtype).clone().requires_grad_()
-        y = oracle.attention(mod.SPEC, *x, g)
-        y.backward(dy[:, rows].to(dtype))
-        out["y"][:, rows] = y.detach()
-        for label, t in zip("qkv", x, strict=True):
-            out[label][:, rows] = t.grad
-        if mod.FAMILY == "selective":
-            out["gate"][:, rows] = g.grad
-        elif mod.FAMILY == "decay":
-            out["gate"] += g.grad
-    return out
-
-
-def run(mod, form, q, k, v, gate, dy, cu, device, dtype=torch.float32, **kwargs):
-    """The op on a packed batch in ``dtype`` (the gate in float32); outputs and gradients on the CPU."""
-    x = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
-    g = None if gate is None else gate.to(device, torch.float32).requires_grad_()
-    fn = getattr(mod, mod.SPEC["name"])
-    y = fn(*x, g, form=form, chunk_size=CHUNK, cu_seqlens=cu.to(device), **kwargs)
-    assert y.shape == v.shape and y.dtype == dtype
-    y.backward(dy.to(device, dtype))
-    got = {"y": y.detach().cpu(), **{label: t.grad.cpu() for label, t in zip("qkv", x, strict=True)}}
-    if g is not None:
-        got["gate"] = g.grad.cpu()
-    return got
+    return reference_pieces(mod, q, k, v, gate, dy, [(0, rows) for rows in spans(lengths)], dtype)
 
 
 def check(mod, form, lengths, device, seed=0, dtype=torch.float32, heads=H):
     q, k, v, gate, dy = inputs(mod, sum(lengths), seed, heads)
-    got = run(mod, form, q, k, v, gate, dy, cu_of(lengths), device, dtype)
+    got = run(mod, form, q, k, v, gate, dy, device, dtype, cu_seqlens=cu_of(lengths, device))
     ref = per_sequence_reference(mod, q, k, v, gate, dy, lengths)
-    longest = max(lengths)
-    limited = fp32_limited(mod.SPEC, mod.FAMILY, longest) if dtype == torch.float32 else []
-    ref32 = per_sequence_reference(mod, q, k, v, gate, dy, lengths, torch.float32) if limited else {}
-    for label, r in ref.items():
-        assert torch.isfinite(got[label]).all(), f"{mod.SPEC['name']} {form}: {label} not finite (unwritten?)"
-        err = rel_rms(got[label], r)
-        limit = TOL[dtype]
-        if label in limited:
-            limit = max(limit, FP32_FACTOR * rel_rms(ref32[label], r))
-        assert err <= limit, f"{mod.SPEC['name']} {form} {lengths}: {label} rel RMS {err:.3g} > {limit:.3g}"
+
+    def ref32():
+        return per_sequence_reference(mod, q, k, v, gate, dy, lengths, torch.float32)
+
+    assert_within_bar(got, ref, mod, max(lengths), dtype, ref32, f"{mod.SPEC['name']} {form} {lengths}")
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -162,7 +113,7 @@ def test_packed_batch_with_a_key_padding_mask(form, device):
     q, k, v, gate, dy = inputs(mod, total, seed=5)
     mask = torch.ones(1, total, dtype=torch.bool)
     mask[0, [0, 5, 6, 19, 20, 40, 52, 59]] = False
-    got = run(mod, form, q, k, v, gate, dy, cu_of(lengths), device, key_padding_mask=mask.to(device))
+    got = run(mod, form, q, k, v, gate, dy, device, cu_seqlens=cu_of(lengths, device), key_padding_mask=mask.to(device))
     real = mask[0]
     kept = [int(real[r].sum()) for r in spans(lengths)]  # each sequence without its pads
     ref = per_sequence_reference(mod, q[:, real], k[:, real], v[:, real], gate[:, real], dy[:, real], kept)
@@ -226,13 +177,7 @@ def test_bad_cu_seqlens_are_refused_before_any_kernel_runs(form, device, monkeyp
     mod = module("lion_s")
     q, k, v, gate, _ = inputs(mod, 20)
     q, k, v, gate = (t.to(device, torch.float32) for t in (q, k, v, gate))
-
-    def boom(*a, **kw):
-        raise AssertionError("a kernel ran")
-
-    monkeypatch.setattr(mod, "launch", boom)
-    monkeypatch.setattr(mod, "_reference", boom)
-    monkeypatch.setattr(mod, "_torch_chunk", boom)
+    forbid_kernels(mod, monkeypatch)
     good = cu_of([5, 15], device)
     for bad, err, words in (
         (good.long(), TypeError, "int32"),
@@ -296,3 +241,37 @@ def test_generated_layer_takes_a_packed_batch(form, device):
     y = layer(x, cu_seqlens=cu_of(lengths, device))
     alone = torch.cat([layer(x[:, r]) for r in spans(lengths) if r.stop > r.start], 1)
     torch.testing.assert_close(y, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lion_s", "lion_s_causal"])
+def test_packed_batch_under_torch_compile(name, device):
+    """cu_seqlens passes into the compile custom ops (with a state for a causal spec): outputs and every
+    gradient equal the eager ones."""
+    if not INTERPRETED and not torch.cuda.is_available():
+        pytest.skip("needs a GPU or the Triton interpreter")
+    mod = module(name)
+    fn = getattr(mod, name)
+    lengths = [9, 0, 30]
+    cu = cu_of(lengths, device)
+    q, k, v, gate, _ = inputs(mod, sum(lengths))
+    causal = name == "lion_s_causal"
+    S0 = torch.rand(len(lengths), H, DK, DV + 1, dtype=torch.float64) if causal else None
+    ins = [t.to(device, torch.float32) for t in (q, k, v, gate) + ((S0,) if causal else ())]
+
+    def f(q, k, v, gate, S0=None):
+        if S0 is None:
+            return fn(q, k, v, gate, form="chunk", chunk_size=CHUNK, cu_seqlens=cu).square().sum()
+        y, S = fn(
+            q, k, v, gate, form="chunk", chunk_size=CHUNK, cu_seqlens=cu, initial_state=S0, output_final_state=True
+        )
+        return y.square().sum() + (S * S.detach().flip(-1)).sum()
+
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        x = [t.clone().requires_grad_() for t in ins]
+        out = (torch.compile(f, fullgraph=True, backend="aot_eager") if compiled else f)(*x)
+        out.backward()
+        results.append([out.detach()] + [t.grad for t in x])
+    for got, want in zip(results[1], results[0], strict=True):
+        assert rel_rms(got, want.double()) <= TOL[torch.float32]

@@ -17,7 +17,6 @@ from .varlen import Seqs, check_cu_seqlens, packed, per_sequence
 __all__ = [
     "FORMS",
     "Seqs",
-    "check_cu_seqlens",
     "check_chunk_size",
     "check_cu_seqlens",
     "check_inputs",

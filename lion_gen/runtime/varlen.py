@@ -113,6 +113,25 @@ def check_cu_seqlens(cu_seqlens: object, shape: Shape, device: torch.device) -> 
     """
     if cu_seqlens is None:
         return None
+    _check_cu_seqlens_layout(cu_seqlens, shape, device)
+    cu = cu_seqlens.tolist()  # the one device-to-host transfer
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {cu[0]}")
+    for i in range(len(cu) - 1):
+        if cu[i + 1] < cu[i]:
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing, got cu_seqlens[{i + 1}] = {cu[i + 1]} < cu_seqlens[{i}] = {cu[i]}"
+            )
+    if cu[-1] != shape.length:
+        raise ValueError(
+            f"cu_seqlens must end at T = {shape.length} (the length of dim 1 of q), got cu_seqlens[-1] = {cu[-1]}"
+        )
+    lengths = tuple(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
+    return Seqs(cu_seqlens.contiguous(), tuple(cu[:-1]), lengths)
+
+
+def _check_cu_seqlens_layout(cu_seqlens: object, shape: Shape, device: torch.device) -> None:
+    """What can be checked of ``cu_seqlens`` without reading its values: type, dtype, shape, device, batch."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -132,24 +151,23 @@ def check_cu_seqlens(cu_seqlens: object, shape: Shape, device: torch.device) -> 
             "with cu_seqlens, q, k and v must be packed into one batch, (1, T, H, D) with T the total length, "
             f"got batch size {shape.batch}"
         )
-    cu = cu_seqlens.tolist()  # the one device-to-host transfer
-    if cu[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {cu[0]}")
-    for i in range(len(cu) - 1):
-        if cu[i + 1] < cu[i]:
-            raise ValueError(
-                f"cu_seqlens must be non-decreasing, got cu_seqlens[{i + 1}] = {cu[i + 1]} < cu_seqlens[{i}] = {cu[i]}"
-            )
-    if cu[-1] != shape.length:
-        raise ValueError(
-            f"cu_seqlens must end at T = {shape.length} (the length of dim 1 of q), got cu_seqlens[-1] = {cu[-1]}"
-        )
-    lengths = tuple(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
-    return Seqs(cu_seqlens.contiguous(), tuple(cu[:-1]), lengths)
 
 
-def packed(cu_seqlens: object, shape: Shape, device: torch.device) -> Shape:
-    """``shape`` with the packed batch's sequences (``check_cu_seqlens``); ``shape`` itself when None."""
+@dataclass(frozen=True)
+class SeqCount:
+    """A packed batch known by its number of sequences alone: what a graph traced by torch.compile sees (the
+    offsets are data; the compile custom op reads and checks them where they are concrete)."""
+
+    count: int
+
+
+def packed(cu_seqlens: object, shape: Shape, device: torch.device, *, values: bool = True) -> Shape:
+    """``shape`` with the packed batch's sequences (``check_cu_seqlens``); ``shape`` itself when None.
+    ``values=False`` (inside a torch.compile trace): only what needs no read of the offsets is checked, and
+    the sequences are a ``SeqCount``."""
+    if cu_seqlens is not None and not values:
+        _check_cu_seqlens_layout(cu_seqlens, shape, device)
+        return replace(shape, seqs=SeqCount(cu_seqlens.shape[0] - 1))
     seqs = check_cu_seqlens(cu_seqlens, shape, device)
     return shape if seqs is None else replace(shape, seqs=seqs)
 
