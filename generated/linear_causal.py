@@ -1155,9 +1155,9 @@ def _parallel_backward(q, k, v, gate, pad, y, n, dy, saved, shape, st):
     grid = (B * H, triton.cdiv(L, st.chunk))
     common = dict(L=L, H=H, scale=_scale(shape.dk), eps=EPS, DK=shape.dk, DV=shape.dv, BK=st.block_k,
                   BV=st.block_v, C=st.chunk, PREC=st.precision, num_warps=8)
-    grid_args = (q, k, v, pad, seqs, y, n, dy)
-    launch(_linear_causal_parallel_bwd_q, grid, *grid_args, dq, **common)
-    launch(_linear_causal_parallel_bwd_kv, grid, *grid_args, dk, dv, **common)
+    inputs = (q, k, v, pad, seqs)
+    launch(_linear_causal_parallel_bwd_q, grid, *inputs, y, n, dy, dq, **common)
+    launch(_linear_causal_parallel_bwd_kv, grid, *inputs, y, n, dy, dk, dv, **common)
     return dq, dk, dv, None
 
 

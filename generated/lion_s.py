@@ -1613,14 +1613,14 @@ def _parallel_backward(q, k, v, gate, pad, y, n, dy, saved, shape, st):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    g, g_rowed, g_stride = _gate_layout(gate, shape)
     # dF, dG: row halves from the query kernel, column halves from the key kernel
     halves = torch.empty(4 if True else 2, *q.shape[:3], dtype=torch.float32, device=q.device)
     grid = (B * H, triton.cdiv(L, st.chunk))
     common = dict(L=L, H=H, scale=_scale(shape.dk), eps=EPS, DK=shape.dk, DV=shape.dv, BK=st.block_k,
                   BV=st.block_v, C=st.chunk, PREC=st.precision, num_warps=8)
-    launch(_lion_s_parallel_bwd_q, grid, q, k, v, pad, seqs, g, g_rowed, g_stride, halves[0], halves[1], y, n, dy, dq, **common)
-    launch(_lion_s_parallel_bwd_kv, grid, q, k, v, pad, seqs, g, g_rowed, g_stride, halves[2], halves[3], y, n, dy, dk, dv, **common)
+    inputs = (q, k, v, pad, seqs, *_gate_layout(gate, shape))
+    launch(_lion_s_parallel_bwd_q, grid, *inputs, halves[0], halves[1], y, n, dy, dq, **common)
+    launch(_lion_s_parallel_bwd_kv, grid, *inputs, halves[2], halves[3], y, n, dy, dk, dv, **common)
     dF, dG = halves[0] + halves[2], halves[1] + halves[3]
 
     def suffix(x: torch.Tensor, inclusive: bool) -> torch.Tensor:  # sum_{m >= s} (inclusive) or m > s
