@@ -950,9 +950,10 @@ def _reference(
     dt = torch.promote_types(q.dtype, torch.float32)
 
     log_gates = None
+    Q, K = _scale(q.shape[-1]) * _phi_torch(q, dt), _phi_torch(k, dt)
     return lion_reference(
-        _scale(q.shape[-1]) * _phi_torch(q, dt),
-        _phi_torch(k, dt),
+        Q,
+        K,
         v,
         log_gates,
         causal=False,

@@ -1231,10 +1231,11 @@ def _reference(
     dt = torch.promote_types(q.dtype, torch.float32)
 
     log_gates = _log_decay_torch(gate.to(dt))
+    Q, K = _scale(q.shape[-1]) * _phi_torch(q, dt), _phi_torch(k, dt)
     if initial_state is not None or output_final_state:
         return reference_causal(
-            _scale(q.shape[-1]) * _phi_torch(q, dt),
-            _phi_torch(k, dt),
+            Q,
+            K,
             v,
             log_gates,
             normalize_rows=True,
@@ -1244,8 +1245,8 @@ def _reference(
             key_padding_mask=pad,
         )
     return lion_reference(
-        _scale(q.shape[-1]) * _phi_torch(q, dt),
-        _phi_torch(k, dt),
+        Q,
+        K,
         v,
         log_gates,
         causal=True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .checks import KernelSettings, Shape, _pow2_at_least, check_tokens, kernel_settings
+from .reference import zero_pads
 
 STATE_FORMS = ("chunk", "recurrent", "torch", "reference")
 
@@ -126,11 +127,7 @@ def reference_causal(
     token: pad rows get Q = K = 0 and log-gate 0, as in ``lion_reference``.
     """
     dt = torch.promote_types(Q.dtype, torch.float32)
-    if key_padding_mask is not None:
-        real = key_padding_mask[:, :, None, None]
-        Q, K = torch.where(real, Q.to(dt), 0.0), torch.where(real, K.to(dt), 0.0)
-        if log_gates is not None:
-            log_gates = torch.where(real[..., 0], log_gates.to(dt), 0.0)
+    Q, K, log_gates = zero_pads(Q.to(dt), K.to(dt), log_gates, key_padding_mask)
     b, length, h, _ = Q.shape
     Qh, Kh = Q.to(dt).transpose(1, 2), K.to(dt).transpose(1, 2)  # (B, H, L, Dk)
     V = v.to(dt).transpose(1, 2)
