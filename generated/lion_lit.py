@@ -161,25 +161,29 @@ def _feature_backward(x, phi, norm, g, pad_ptr=None):
 
 
 @triton.jit
-def _output_adjoint_dn(
-    n_ptr, dy_ptr, dn_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr, pad_ptr=None, pad_base=0
-):
-    """dO' = [dY / (n + eps), dn] as (dO, dn) in fp32, dn as backward stage 1 wrote it (0 on pad rows)."""
+def _dy_and_inverse(n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr, pad_ptr=None, pad_base=0):
+    """dY (fp32) and r = 1 / (n + eps) per row, the two output adjoints' common part."""
     dY = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
     r = 1.0 / (tl.load(n_ptr + n_base + rows * H, mask=rows < L, other=1.0) + eps)
     if pad_ptr is not None:  # pad rows: y = 0 whatever dY is (their Q is 0), and 1 / eps would only amplify
         r = tl.where(_real_rows(pad_ptr, pad_base, rows, L), r, 0.0)
+    return dY, r
+
+
+@triton.jit
+def _output_adjoint_dn(
+    n_ptr, dy_ptr, dn_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr, pad_ptr=None, pad_base=0
+):
+    """dO' = [dY / (n + eps), dn] as (dO, dn) in fp32, dn as backward stage 1 wrote it (0 on pad rows)."""
+    dY, r = _dy_and_inverse(n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV, pad_ptr, pad_base)
     return dY * r[:, None], tl.load(dn_ptr + n_base + rows * H, mask=rows < L, other=0.0)
 
 
 @triton.jit
 def _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr, pad_ptr=None, pad_base=0):
     """dO' = [dY / (n + eps), -(dY . Y) / (n + eps)], returned as (dO, dn) in fp32 (0 on pad rows)."""
-    dY = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+    dY, r = _dy_and_inverse(n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV, pad_ptr, pad_base)
     Y = _load_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
-    r = 1.0 / (tl.load(n_ptr + n_base + rows * H, mask=rows < L, other=1.0) + eps)
-    if pad_ptr is not None:  # pad rows: y = 0 whatever dY is (their Q is 0), and 1 / eps would only amplify
-        r = tl.where(_real_rows(pad_ptr, pad_base, rows, L), r, 0.0)
     return dY * r[:, None], -tl.sum(dY * Y, 1) * r
 
 
