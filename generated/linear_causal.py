@@ -925,10 +925,11 @@ def _reference(
     dt = torch.promote_types(q.dtype, torch.float32)
 
     log_gates = None
+    Q, K = _scale(q.shape[-1]) * _phi_torch(q, dt), _phi_torch(k, dt)
     if initial_state is not None or output_final_state:
         return reference_causal(
-            _scale(q.shape[-1]) * _phi_torch(q, dt),
-            _phi_torch(k, dt),
+            Q,
+            K,
             v,
             log_gates,
             normalize_rows=False,
@@ -938,8 +939,8 @@ def _reference(
             key_padding_mask=pad,
         )
     return lion_reference(
-        _scale(q.shape[-1]) * _phi_torch(q, dt),
-        _phi_torch(k, dt),
+        Q,
+        K,
         v,
         log_gates,
         causal=True,
@@ -1154,9 +1155,9 @@ def _parallel_backward(q, k, v, gate, pad, y, n, dy, saved, shape, st):
     grid = (B * H, triton.cdiv(L, st.chunk))
     common = dict(L=L, H=H, scale=_scale(shape.dk), eps=EPS, DK=shape.dk, DV=shape.dv, BK=st.block_k,
                   BV=st.block_v, C=st.chunk, PREC=st.precision, num_warps=8)
-    grid_args = (q, k, v, pad, seqs, y, n, dy)
-    launch(_linear_causal_parallel_bwd_q, grid, *grid_args, dq, **common)
-    launch(_linear_causal_parallel_bwd_kv, grid, *grid_args, dk, dv, **common)
+    inputs = (q, k, v, pad, seqs)
+    launch(_linear_causal_parallel_bwd_q, grid, *inputs, y, n, dy, dq, **common)
+    launch(_linear_causal_parallel_bwd_kv, grid, *inputs, y, n, dy, dk, dv, **common)
     return dq, dk, dv, None
 
 
@@ -1206,48 +1207,84 @@ _FORWARD = {"chunk": _chunk_forward, "parallel": _parallel_forward, "recurrent":
 _BACKWARD = {"chunk": _chunk_backward, "parallel": _parallel_backward, "recurrent": _recurrent_backward}
 
 
+def _forward(q, k, v, gate, pad, shape, st, algorithm, initial_state, output_final_state):
+    """A kernel form's forward pass on contiguous q, k, v (eager autograd and the custom ops alike): y, the row
+    sums n, what the backward reuses, the initial state's kernel buffers ((None, None) without one) and the final
+    state (B, H, Dk, Dv') (None unless output_final_state)."""
+    norm = False
+    initial = split_state(initial_state, norm) if initial_state is not None else (None, None)
+    final = state_buffers(shape, norm, q.device) if output_final_state else (None, None)
+    state = dict(initial=initial, final=final) if initial_state is not None or output_final_state else {}
+    with on_device(q):
+        y, n, saved = _FORWARD[algorithm](q, k, v, gate, pad, shape, st, **state)
+    final_state = join_state(*final, shape.sequences, shape.heads, norm) if output_final_state else None
+    return y, n, saved, initial, final_state
+
+
+def _backward(q, k, v, gate, pad, y, n, dy, saved, shape, st, algorithm, initial, d_final, need_d_initial):
+    """A kernel form's backward pass: the gradients of q, k, v, the gate (None without one) and the initial
+    state (None unless need_d_initial and a state was used). initial: the forward's initial-state buffers;
+    d_final: the final state's gradient (B, H, Dk, Dv') or None (not used by the loss)."""
+    norm = False
+    state, d_initial = {}, (None, None)
+    if initial[0] is not None or d_final is not None:
+        if need_d_initial:
+            d_initial = state_buffers(shape, norm, q.device)
+        d_final = split_state(d_final, norm) if d_final is not None else (None, None)
+        state = dict(initial=initial, d_final=d_final, d_initial=d_initial)
+    with on_device(q):
+        grads = _BACKWARD[algorithm](q, k, v, gate, pad, y, n, dy.contiguous(), saved, shape, st, **state)
+    d_h0 = None if d_initial[0] is None else join_state(*d_initial, shape.sequences, shape.heads, norm)
+    return (*grads, d_h0)
+
+
 class _Function(torch.autograd.Function):
     """The kernel forms with autograd. With a causal state (chunk and recurrent forms) the initial state is an input and the final state a second output, both differentiable."""
 
     @staticmethod
     def forward(ctx, q, k, v, gate, pad, initial_state, shape, st, algorithm, output_final_state):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        norm = False
-        initial = split_state(initial_state, norm) if initial_state is not None else (None, None)
-        final = state_buffers(shape, norm, q.device) if output_final_state else (None, None)
-        state = dict(initial=initial, final=final) if initial_state is not None or output_final_state else {}
-        with on_device(q):
-            y, n, saved = _FORWARD[algorithm](q, k, v, gate, pad, shape, st, **state)
+        y, n, saved, initial, final_state = _forward(q, k, v, gate, pad, shape, st, algorithm, initial_state, output_final_state)
         ctx.save_for_backward(q, k, v, gate, pad, y, n, *initial, *saved)
         ctx.shape, ctx.st, ctx.algorithm = shape, st, algorithm
         ctx.set_materialize_grads(False)  # an output the loss does not use gets no gradient (None)
         if output_final_state:
-            return y, join_state(*final, shape.sequences, shape.heads, norm)
+            return y, final_state
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, d_final=None):
         q, k, v, gate, pad, y, n, h0, h0z, *saved = ctx.saved_tensors
-        state = {}
-        norm = False
         dy = torch.zeros_like(y) if dy is None else dy
-        d_initial = (None, None)
-        if h0 is not None or d_final is not None:
-            if ctx.needs_input_grad[5]:
-                d_initial = state_buffers(ctx.shape, norm, q.device)
-            d_final = split_state(d_final, norm) if d_final is not None else (None, None)
-            state = dict(initial=(h0, h0z), d_final=d_final, d_initial=d_initial)
-        with on_device(q):
-            grads = _BACKWARD[ctx.algorithm](q, k, v, gate, pad, y, n, dy.contiguous(), saved, ctx.shape, ctx.st, **state)
-        d_h0 = None if d_initial[0] is None else join_state(*d_initial, ctx.shape.sequences, ctx.shape.heads, norm)
+        *grads, d_h0 = _backward(
+            q, k, v, gate, pad, y, n, dy, saved, ctx.shape, ctx.st, ctx.algorithm, (h0, h0z), d_final, ctx.needs_input_grad[5]
+        )
         return (*grads, None, d_h0, None, None, None, None)
 
 
-# torch.compile: the kernel forms as torch custom ops (torch.library), opaque to dynamo, with fake-tensor
-# rules (shapes only) and an autograd rule. The backward op recomputes the forward's saved states (one more
-# forward pass) so that only tensors of fixed shapes cross the op boundary. Used only while compiling.
+# torch.compile: the kernel forms as one pair of torch custom ops (torch.library), opaque to dynamo, with
+# fake-tensor rules (shapes only) and an autograd rule. The backward op recomputes the forward's saved states
+# (one more forward pass) so that only tensors of fixed shapes cross the op boundary. Both take an optional
+# initial state and always return a state tensor: the final state (the forward, when output_final_state) and
+# the initial state's gradient (the backward, when an initial state is given), else an empty tensor.
+# Used only while compiling.
 _OP = f"lion_gen::linear_causal_{id(_FORWARD):x}"  # unique per loaded module (a spec may be loaded twice)
+
+
+def _op_settings(q, k, v, gate, pad, cu_seqlens, chunk):
+    """The call's shape, key padding mask and kernel settings, found again from the op's tensors."""
+    shape = packed(cu_seqlens, check_inputs(q, k, v, gate, FAMILY), q.device)
+    return shape, check_key_padding_mask(pad, shape, q.device), kernel_settings(q, shape, chunk, DEFAULT_CHUNK)
+
+
+def _op_state(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, present: bool) -> torch.Tensor:
+    """An uninitialized fp32 state output of the ops: (B, H, Dk, Dv') ((N, H, Dk, Dv') packed) when present,
+    else empty."""
+    if not present:
+        return q.new_empty(0, dtype=torch.float32)
+    b = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return q.new_empty(b, q.shape[2], q.shape[3], v.shape[3] + 0, dtype=torch.float32)
 
 
 @torch.library.custom_op(_OP + "_fwd", mutates_args=())
@@ -1258,21 +1295,20 @@ def _op_forward(
     gate: torch.Tensor | None,
     pad: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
     algorithm: str,
     chunk: int,
-) -> torch.Tensor:
-    shape = packed(cu_seqlens, check_inputs(q, k, v, gate, FAMILY), q.device)
-    pad = check_key_padding_mask(pad, shape, q.device)
-    st = kernel_settings(q, shape, chunk, DEFAULT_CHUNK)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape, pad, st = _op_settings(q, k, v, gate, pad, cu_seqlens, chunk)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    with on_device(q):
-        y, _, _ = _FORWARD[algorithm](q, k, v, gate, pad, shape, st)
-    return y
+    y, _, _, _, final_state = _forward(q, k, v, gate, pad, shape, st, algorithm, initial_state, output_final_state)
+    return y, _op_state(q, v, cu_seqlens, False) if final_state is None else final_state.clone()
 
 
 @_op_forward.register_fake
-def _(q, k, v, gate, pad, cu_seqlens, algorithm, chunk):
-    return torch.empty_like(v)
+def _(q, k, v, gate, pad, cu_seqlens, initial_state, output_final_state, algorithm, chunk):
+    return torch.empty_like(v), _op_state(q, v, cu_seqlens, output_final_state)
 
 
 @torch.library.custom_op(_OP + "_bwd", mutates_args=())
@@ -1283,118 +1319,41 @@ def _op_backward(
     gate: torch.Tensor | None,
     pad: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
     dy: torch.Tensor,
-    algorithm: str,
-    chunk: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    shape = packed(cu_seqlens, check_inputs(q, k, v, gate, FAMILY), q.device)
-    pad = check_key_padding_mask(pad, shape, q.device)
-    st = kernel_settings(q, shape, chunk, DEFAULT_CHUNK)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    with on_device(q):
-        y, n, saved = _FORWARD[algorithm](q, k, v, gate, pad, shape, st)
-        grads = _BACKWARD[algorithm](q, k, v, gate, pad, y, n, dy.contiguous(), saved, shape, st)
-    return tuple(grads[:3])
-
-
-@_op_backward.register_fake
-def _(q, k, v, gate, pad, cu_seqlens, dy, algorithm, chunk):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _op_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:6])
-    ctx.algorithm, ctx.chunk = inputs[6], inputs[7]
-
-
-def _op_grad(ctx, dy):
-    q, k, v, gate, pad, cu_seqlens = ctx.saved_tensors
-    grads = _op_backward(q, k, v, gate, pad, cu_seqlens, dy, ctx.algorithm, ctx.chunk)
-    return (*grads, None, None, None, None, None)
-
-
-torch.library.register_autograd(_OP + "_fwd", _op_grad, setup_context=_op_setup)
-
-
-# The chunk form with a causal state, as custom ops too: the initial state is always a tensor here (zeros
-# for None) and the final state always an output, so that the ops have fixed signatures.
-@torch.library.custom_op(_OP + "_state_fwd", mutates_args=())
-def _op_state_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    gate: torch.Tensor | None,
-    pad: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    initial_state: torch.Tensor,
-    algorithm: str,
-    chunk: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = packed(cu_seqlens, check_inputs(q, k, v, gate, FAMILY), q.device)
-    pad = check_key_padding_mask(pad, shape, q.device)
-    st = kernel_settings(q, shape, chunk, DEFAULT_CHUNK)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    norm = False
-    final = state_buffers(shape, norm, q.device)
-    with on_device(q):
-        y, _, _ = _FORWARD[algorithm](q, k, v, gate, pad, shape, st, initial=split_state(initial_state, norm), final=final)
-    return y, join_state(*final, shape.sequences, shape.heads, norm).clone()
-
-
-@_op_state_forward.register_fake
-def _(q, k, v, gate, pad, cu_seqlens, initial_state, algorithm, chunk):
-    return torch.empty_like(v), torch.empty_like(initial_state)
-
-
-@torch.library.custom_op(_OP + "_state_bwd", mutates_args=())
-def _op_state_backward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    gate: torch.Tensor | None,
-    pad: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    initial_state: torch.Tensor,
-    dy: torch.Tensor,
-    d_final: torch.Tensor,
+    d_final: torch.Tensor | None,
     algorithm: str,
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    shape = packed(cu_seqlens, check_inputs(q, k, v, gate, FAMILY), q.device)
-    pad = check_key_padding_mask(pad, shape, q.device)
-    st = kernel_settings(q, shape, chunk, DEFAULT_CHUNK)
+    shape, pad, st = _op_settings(q, k, v, gate, pad, cu_seqlens, chunk)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    norm = False
-    initial = split_state(initial_state, norm)
-    d_initial = state_buffers(shape, norm, q.device)
-    with on_device(q):
-        y, n, saved = _FORWARD[algorithm](q, k, v, gate, pad, shape, st, initial=initial, final=state_buffers(shape, norm, q.device))
-        grads = _BACKWARD[algorithm](
-            q, k, v, gate, pad, y, n, dy.contiguous(), saved, shape, st,
-            initial=initial, d_final=split_state(d_final, norm), d_initial=d_initial,
-        )
-    return (*grads[:3], join_state(*d_initial, shape.sequences, shape.heads, norm).clone())
+    # the final state as the forward had it when its gradient is given (the gated backward reads it)
+    y, n, saved, initial, _ = _forward(q, k, v, gate, pad, shape, st, algorithm, initial_state, d_final is not None)
+    *grads, d_h0 = _backward(q, k, v, gate, pad, y, n, dy, saved, shape, st, algorithm, initial, d_final, initial_state is not None)
+    return (*grads[:3], _op_state(q, v, cu_seqlens, False) if d_h0 is None else d_h0.clone())
 
 
-@_op_state_backward.register_fake
+@_op_backward.register_fake
 def _(q, k, v, gate, pad, cu_seqlens, initial_state, dy, d_final, algorithm, chunk):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(initial_state)
+    grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return (*grads, _op_state(q, v, cu_seqlens, initial_state is not None))
 
 
-def _op_state_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:7])
-    ctx.algorithm, ctx.chunk = inputs[7], inputs[8]
+def _op_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:7])  # q, k, v, gate, pad, cu_seqlens, initial_state
+    ctx.output_final_state, ctx.algorithm, ctx.chunk = inputs[7:]
 
 
-def _op_state_grad(ctx, dy, d_final):
+def _op_grad(ctx, dy, d_final):
     q, k, v, gate, pad, cu_seqlens, initial_state = ctx.saved_tensors
     dy = torch.zeros_like(v) if dy is None else dy
-    d_final = torch.zeros_like(initial_state) if d_final is None else d_final
-    grads = _op_state_backward(q, k, v, gate, pad, cu_seqlens, initial_state, dy, d_final, ctx.algorithm, ctx.chunk)
-    return (*grads[:3], None, None, None, grads[-1], None, None)
+    d_final = d_final if ctx.output_final_state else None  # the empty state output's gradient
+    grads = _op_backward(q, k, v, gate, pad, cu_seqlens, initial_state, dy, d_final, ctx.algorithm, ctx.chunk)
+    d_h0 = None if initial_state is None else grads[-1]
+    return (*grads[:3], None, None, None, d_h0, None, None, None)
 
 
-torch.library.register_autograd(_OP + "_state_fwd", _op_state_grad, setup_context=_op_state_setup)
+torch.library.register_autograd(_OP + "_fwd", _op_grad, setup_context=_op_setup)
 
 
 def linear_causal(
@@ -1458,14 +1417,9 @@ def linear_causal(
             return run(q, k, v, gate, pad, initial_state, output_final_state)
         return per_sequence(run, shape.seqs, q, k, v, gate, pad, initial_state, output_final_state, state_cols=v.shape[-1])
     st = kernel_settings(q, shape, chunk_size, DEFAULT_CHUNK)
-    if torch.compiler.is_compiling():
-        if stateful:  # the custom op always takes an initial state and returns the final one
-            if initial_state is None:
-                d = v.shape[-1] + 0
-                initial_state = q.new_zeros(shape.sequences, shape.heads, shape.dk, d, dtype=torch.float32)
-            y, final_state = _op_state_forward(q, k, v, gate, pad, cu_seqlens, initial_state, algorithm, st.chunk)
-            return (y, final_state) if output_final_state else y
-        return _op_forward(q, k, v, gate, pad, cu_seqlens, algorithm, st.chunk)
+    if torch.compiler.is_compiling():  # the custom op (its state output is empty unless output_final_state)
+        y, final_state = _op_forward(q, k, v, gate, pad, cu_seqlens, initial_state, output_final_state, algorithm, st.chunk)
+        return (y, final_state) if output_final_state else y
     return _Function.apply(q, k, v, gate, pad, initial_state if stateful else None, shape, st, algorithm, output_final_state)
 
 

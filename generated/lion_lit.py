@@ -161,25 +161,29 @@ def _feature_backward(x, phi, norm, g, pad_ptr=None):
 
 
 @triton.jit
-def _output_adjoint_dn(
-    n_ptr, dy_ptr, dn_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr, pad_ptr=None, pad_base=0
-):
-    """dO' = [dY / (n + eps), dn] as (dO, dn) in fp32, dn as backward stage 1 wrote it (0 on pad rows)."""
+def _dy_and_inverse(n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr, pad_ptr=None, pad_base=0):
+    """dY (fp32) and r = 1 / (n + eps) per row, the two output adjoints' common part."""
     dY = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
     r = 1.0 / (tl.load(n_ptr + n_base + rows * H, mask=rows < L, other=1.0) + eps)
     if pad_ptr is not None:  # pad rows: y = 0 whatever dY is (their Q is 0), and 1 / eps would only amplify
         r = tl.where(_real_rows(pad_ptr, pad_base, rows, L), r, 0.0)
+    return dY, r
+
+
+@triton.jit
+def _output_adjoint_dn(
+    n_ptr, dy_ptr, dn_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr, pad_ptr=None, pad_base=0
+):
+    """dO' = [dY / (n + eps), dn] as (dO, dn) in fp32, dn as backward stage 1 wrote it (0 on pad rows)."""
+    dY, r = _dy_and_inverse(n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV, pad_ptr, pad_base)
     return dY * r[:, None], tl.load(dn_ptr + n_base + rows * H, mask=rows < L, other=0.0)
 
 
 @triton.jit
 def _output_adjoint(y_ptr, n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV: tl.constexpr, pad_ptr=None, pad_base=0):
     """dO' = [dY / (n + eps), -(dY . Y) / (n + eps)], returned as (dO, dn) in fp32 (0 on pad rows)."""
-    dY = _load_rows(dy_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
+    dY, r = _dy_and_inverse(n_ptr, dy_ptr, v_base, n_base, rows, o_v, L, H, eps, DV, pad_ptr, pad_base)
     Y = _load_rows(y_ptr, v_base, rows, o_v, L, H * DV, DV).to(tl.float32)
-    r = 1.0 / (tl.load(n_ptr + n_base + rows * H, mask=rows < L, other=1.0) + eps)
-    if pad_ptr is not None:  # pad rows: y = 0 whatever dY is (their Q is 0), and 1 / eps would only amplify
-        r = tl.where(_real_rows(pad_ptr, pad_base, rows, L), r, 0.0)
     return dY * r[:, None], -tl.sum(dY * Y, 1) * r
 
 
@@ -950,9 +954,10 @@ def _reference(
     dt = torch.promote_types(q.dtype, torch.float32)
 
     log_gates = None
+    Q, K = _scale(q.shape[-1]) * _phi_torch(q, dt), _phi_torch(k, dt)
     return lion_reference(
-        _scale(q.shape[-1]) * _phi_torch(q, dt),
-        _phi_torch(k, dt),
+        Q,
+        K,
         v,
         log_gates,
         causal=False,
@@ -1131,9 +1136,9 @@ def _parallel_backward(q, k, v, gate, pad, y, n, dy, saved, shape, st):
     grid = (B * H, triton.cdiv(L, st.chunk))
     common = dict(L=L, H=H, scale=_scale(shape.dk), eps=EPS, DK=shape.dk, DV=shape.dv, BK=st.block_k,
                   BV=st.block_v, C=st.chunk, PREC=st.precision, num_warps=8)
-    grid_args = (q, k, v, pad, seqs, y, n, dy)
-    launch(_lion_lit_parallel_bwd_q, grid, *grid_args, dq, **common)
-    launch(_lion_lit_parallel_bwd_kv, grid, *grid_args, dk, dv, **common)
+    inputs = (q, k, v, pad, seqs)
+    launch(_lion_lit_parallel_bwd_q, grid, *inputs, y, n, dy, dq, **common)
+    launch(_lion_lit_parallel_bwd_kv, grid, *inputs, y, n, dy, dk, dv, **common)
     return dq, dk, dv, None
 
 
@@ -1177,15 +1182,33 @@ _FORWARD = {"chunk": _chunk_forward, "parallel": _parallel_forward, "recurrent":
 _BACKWARD = {"chunk": _chunk_backward, "parallel": _parallel_backward, "recurrent": _recurrent_backward}
 
 
+def _forward(q, k, v, gate, pad, shape, st, algorithm, initial_state, output_final_state):
+    """A kernel form's forward pass on contiguous q, k, v (eager autograd and the custom ops alike): y, the row
+    sums n, what the backward reuses, the initial state's kernel buffers ((None, None) without one) and the final
+    state (B, H, Dk, Dv') (None unless output_final_state)."""
+    initial, state = (None, None), {}  # check_state refused a state
+    with on_device(q):
+        y, n, saved = _FORWARD[algorithm](q, k, v, gate, pad, shape, st, **state)
+    return y, n, saved, initial, None
+
+
+def _backward(q, k, v, gate, pad, y, n, dy, saved, shape, st, algorithm, initial, d_final, need_d_initial):
+    """A kernel form's backward pass: the gradients of q, k, v, the gate (None without one) and the initial
+    state (None unless need_d_initial and a state was used). initial: the forward's initial-state buffers;
+    d_final: the final state's gradient (B, H, Dk, Dv') or None (not used by the loss)."""
+    state = {}  # no state: initial is (None, None), d_final None
+    with on_device(q):
+        grads = _BACKWARD[algorithm](q, k, v, gate, pad, y, n, dy.contiguous(), saved, shape, st, **state)
+    return (*grads, None)
+
+
 class _Function(torch.autograd.Function):
     """The kernel forms with autograd."""
 
     @staticmethod
     def forward(ctx, q, k, v, gate, pad, initial_state, shape, st, algorithm, output_final_state):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        initial, state = (None, None), {}  # check_state refused a state
-        with on_device(q):
-            y, n, saved = _FORWARD[algorithm](q, k, v, gate, pad, shape, st, **state)
+        y, n, saved, initial, final_state = _forward(q, k, v, gate, pad, shape, st, algorithm, initial_state, output_final_state)
         ctx.save_for_backward(q, k, v, gate, pad, y, n, *initial, *saved)
         ctx.shape, ctx.st, ctx.algorithm = shape, st, algorithm
         return y
@@ -1194,17 +1217,35 @@ class _Function(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, d_final=None):
         q, k, v, gate, pad, y, n, h0, h0z, *saved = ctx.saved_tensors
-        state = {}
-        with on_device(q):
-            grads = _BACKWARD[ctx.algorithm](q, k, v, gate, pad, y, n, dy.contiguous(), saved, ctx.shape, ctx.st, **state)
-        d_h0 = None
+        *grads, d_h0 = _backward(
+            q, k, v, gate, pad, y, n, dy, saved, ctx.shape, ctx.st, ctx.algorithm, (h0, h0z), d_final, ctx.needs_input_grad[5]
+        )
         return (*grads, None, d_h0, None, None, None, None)
 
 
-# torch.compile: the kernel forms as torch custom ops (torch.library), opaque to dynamo, with fake-tensor
-# rules (shapes only) and an autograd rule. The backward op recomputes the forward's saved states (one more
-# forward pass) so that only tensors of fixed shapes cross the op boundary. Used only while compiling.
+# torch.compile: the kernel forms as one pair of torch custom ops (torch.library), opaque to dynamo, with
+# fake-tensor rules (shapes only) and an autograd rule. The backward op recomputes the forward's saved states
+# (one more forward pass) so that only tensors of fixed shapes cross the op boundary. Both take an optional
+# initial state and always return a state tensor: the final state (the forward, when output_final_state) and
+# the initial state's gradient (the backward, when an initial state is given), else an empty tensor.
+# (A bidirectional spec has no state: its ops get none and return empty ones.)
+# Used only while compiling.
 _OP = f"lion_gen::lion_lit_{id(_FORWARD):x}"  # unique per loaded module (a spec may be loaded twice)
+
+
+def _op_settings(q, k, v, gate, pad, cu_seqlens, chunk):
+    """The call's shape, key padding mask and kernel settings, found again from the op's tensors."""
+    shape = packed(cu_seqlens, check_inputs(q, k, v, gate, FAMILY), q.device)
+    return shape, check_key_padding_mask(pad, shape, q.device), kernel_settings(q, shape, chunk, DEFAULT_CHUNK)
+
+
+def _op_state(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, present: bool) -> torch.Tensor:
+    """An uninitialized fp32 state output of the ops: (B, H, Dk, Dv') ((N, H, Dk, Dv') packed) when present,
+    else empty."""
+    if not present:
+        return q.new_empty(0, dtype=torch.float32)
+    b = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return q.new_empty(b, q.shape[2], q.shape[3], v.shape[3] + 1, dtype=torch.float32)
 
 
 @torch.library.custom_op(_OP + "_fwd", mutates_args=())
@@ -1215,21 +1256,20 @@ def _op_forward(
     gate: torch.Tensor | None,
     pad: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
     algorithm: str,
     chunk: int,
-) -> torch.Tensor:
-    shape = packed(cu_seqlens, check_inputs(q, k, v, gate, FAMILY), q.device)
-    pad = check_key_padding_mask(pad, shape, q.device)
-    st = kernel_settings(q, shape, chunk, DEFAULT_CHUNK)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape, pad, st = _op_settings(q, k, v, gate, pad, cu_seqlens, chunk)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    with on_device(q):
-        y, _, _ = _FORWARD[algorithm](q, k, v, gate, pad, shape, st)
-    return y
+    y, _, _, _, final_state = _forward(q, k, v, gate, pad, shape, st, algorithm, initial_state, output_final_state)
+    return y, _op_state(q, v, cu_seqlens, False) if final_state is None else final_state.clone()
 
 
 @_op_forward.register_fake
-def _(q, k, v, gate, pad, cu_seqlens, algorithm, chunk):
-    return torch.empty_like(v)
+def _(q, k, v, gate, pad, cu_seqlens, initial_state, output_final_state, algorithm, chunk):
+    return torch.empty_like(v), _op_state(q, v, cu_seqlens, output_final_state)
 
 
 @torch.library.custom_op(_OP + "_bwd", mutates_args=())
@@ -1240,34 +1280,38 @@ def _op_backward(
     gate: torch.Tensor | None,
     pad: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
     dy: torch.Tensor,
+    d_final: torch.Tensor | None,
     algorithm: str,
     chunk: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    shape = packed(cu_seqlens, check_inputs(q, k, v, gate, FAMILY), q.device)
-    pad = check_key_padding_mask(pad, shape, q.device)
-    st = kernel_settings(q, shape, chunk, DEFAULT_CHUNK)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape, pad, st = _op_settings(q, k, v, gate, pad, cu_seqlens, chunk)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    with on_device(q):
-        y, n, saved = _FORWARD[algorithm](q, k, v, gate, pad, shape, st)
-        grads = _BACKWARD[algorithm](q, k, v, gate, pad, y, n, dy.contiguous(), saved, shape, st)
-    return tuple(grads[:3])
+    # the final state as the forward had it when its gradient is given (the gated backward reads it)
+    y, n, saved, initial, _ = _forward(q, k, v, gate, pad, shape, st, algorithm, initial_state, d_final is not None)
+    *grads, d_h0 = _backward(q, k, v, gate, pad, y, n, dy, saved, shape, st, algorithm, initial, d_final, initial_state is not None)
+    return (*grads[:3], _op_state(q, v, cu_seqlens, False) if d_h0 is None else d_h0.clone())
 
 
 @_op_backward.register_fake
-def _(q, k, v, gate, pad, cu_seqlens, dy, algorithm, chunk):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(q, k, v, gate, pad, cu_seqlens, initial_state, dy, d_final, algorithm, chunk):
+    grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return (*grads, _op_state(q, v, cu_seqlens, initial_state is not None))
 
 
 def _op_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:6])
-    ctx.algorithm, ctx.chunk = inputs[6], inputs[7]
+    ctx.save_for_backward(*inputs[:7])  # q, k, v, gate, pad, cu_seqlens, initial_state
+    ctx.output_final_state, ctx.algorithm, ctx.chunk = inputs[7:]
 
 
-def _op_grad(ctx, dy):
-    q, k, v, gate, pad, cu_seqlens = ctx.saved_tensors
-    grads = _op_backward(q, k, v, gate, pad, cu_seqlens, dy, ctx.algorithm, ctx.chunk)
-    return (*grads, None, None, None, None, None)
+def _op_grad(ctx, dy, d_final):
+    q, k, v, gate, pad, cu_seqlens, initial_state = ctx.saved_tensors
+    dy = torch.zeros_like(v) if dy is None else dy
+    d_final = d_final if ctx.output_final_state else None  # the empty state output's gradient
+    grads = _op_backward(q, k, v, gate, pad, cu_seqlens, initial_state, dy, d_final, ctx.algorithm, ctx.chunk)
+    d_h0 = None if initial_state is None else grads[-1]
+    return (*grads[:3], None, None, None, d_h0, None, None, None)
 
 
 torch.library.register_autograd(_OP + "_fwd", _op_grad, setup_context=_op_setup)
@@ -1330,8 +1374,9 @@ def lion_lit(
             return run(q, k, v, gate, pad)
         return per_sequence(run, shape.seqs, q, k, v, gate, pad, initial_state, output_final_state)
     st = kernel_settings(q, shape, chunk_size, DEFAULT_CHUNK)
-    if torch.compiler.is_compiling():
-        return _op_forward(q, k, v, gate, pad, cu_seqlens, algorithm, st.chunk)
+    if torch.compiler.is_compiling():  # the custom op (its state output is empty unless output_final_state)
+        y, final_state = _op_forward(q, k, v, gate, pad, cu_seqlens, initial_state, output_final_state, algorithm, st.chunk)
+        return (y, final_state) if output_final_state else y
     return _Function.apply(q, k, v, gate, pad, initial_state if stateful else None, shape, st, algorithm, output_final_state)
 
 

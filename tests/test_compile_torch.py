@@ -81,3 +81,46 @@ def test_triton_chunk_form_is_a_custom_op_under_compile(name):
 def test_vit_compiles_on_the_gpu_with_the_triton_form():
     model = vit("lion_s", "sequence", "auto", "cuda")
     check_compiled(model, torch.randn(4, 1, 8, 8, device="cuda"), "inductor", rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name,form,stateful",
+    [("lion_s_causal", "chunk", True), ("lion_s_causal", "recurrent", True), ("lion_s", "chunk", False)],
+)
+def test_custom_op_takes_packed_batches_and_states(name, form, stateful):
+    """The kernel forms' custom op (what the main function runs while compiling) on a packed batch with an
+    empty sequence, with and without a state: torch.library.opcheck (schema, fake rules against the real
+    outputs, autograd registration, tracing), and its outputs and gradients (initial state included) through
+    its autograd rule equal the eager function's."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not GPU:
+        pytest.skip("needs a GPU or the Triton interpreter")
+    device = "cuda" if GPU else "cpu"
+    m = mod(name)
+    fn = getattr(m, name)
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 5, 25], dtype=torch.int32, device=device)
+    q, k = torch.randn(1, 25, 2, 16, device=device), torch.randn(1, 25, 2, 16, device=device)
+    v = torch.randn(1, 25, 2, 8, device=device)
+    gate = {"none": None, "decay": torch.randn(2), "selective": torch.randn(1, 25, 2)}[m.FAMILY]
+    gate = None if gate is None else gate.to(device)
+    S0 = None
+    if stateful:
+        S0 = torch.randn_like(fn(q, k, v, gate, form="torch", cu_seqlens=cu, output_final_state=True)[1])
+    args = (q, k, v, gate, None, cu, S0, stateful, form, 16)
+    torch.library.opcheck(
+        m._op_forward, tuple(a.requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+    )
+    results = []
+    for through_op in (False, True):
+        x = [None if t is None else t.detach().clone().requires_grad_() for t in (q, k, v, gate, S0)]
+        if through_op:
+            y, S = m._op_forward(*x[:4], None, cu, x[4], stateful, form, 16)
+            assert stateful or S.numel() == 0  # no state: an empty state output
+        else:
+            out = fn(*x[:4], form=form, chunk_size=16, cu_seqlens=cu, initial_state=x[4], output_final_state=stateful)
+            y, S = out if stateful else (out, None)
+        loss = (y * y).sum() + ((S * S.detach().flip(-1)).sum() if stateful else 0)
+        loss.backward()
+        results.append([y.detach(), *(t.grad for t in x if t is not None)] + ([S.detach()] if stateful else []))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

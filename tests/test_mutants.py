@@ -55,7 +55,7 @@ MUTANTS = [
     # eps dropped from the row normalization
     Mutant("eps_dropped_chunk_fwd", FWD, r"\(den \+ eps\)", "den"),
     Mutant("eps_dropped_parallel_fwd", PAR_FWD, r"\(den \+ eps\)", "den"),
-    Mutant("eps_dropped_backward", r"_output_adjoint\w*", r" \+ eps\)", ")"),
+    Mutant("eps_dropped_backward", r"_dy_and_inverse|_output_adjoint\w*", r" \+ eps\)", ")"),
     Mutant("eps_zero_everywhere", "", r"^EPS = .*$", "EPS = 0.0"),
     # F and G potentials swapped
     Mutant("fg_swapped_in_planner", "", r"f_shift, g_shift = 0, 1", "f_shift, g_shift = 1, 0", PLANNER),

@@ -50,37 +50,50 @@ def _check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
     return t
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, family: str) -> Shape:
-    """Validate shapes, dtypes, devices and the gate's presence for a mask family."""
-    _check_tensor("q", q, 4, "(B, L, H, Dk)")
-    _check_tensor("k", k, 4, "(B, L, H, Dk)")
-    _check_tensor("v", v, 4, "(B, L, H, Dv)")
+def check_tokens(
+    q: object, k: object, v: object, gate: object, family: str, dims: str, note: str = ""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate q, k, v of shape (dims, D) (dims: "B, L, H" for a sequence, "B, H" for one token), their
+    dtypes and devices, and the gate's presence and shape for a mask family ((H,), or (dims) per token).
+    ``note`` follows the expected layout in the messages that give one. Returns q, k, v."""
+    ndim = dims.count(",") + 2
+    _check_tensor("q", q, ndim, f"({dims}, Dk){note}")
+    _check_tensor("k", k, ndim, f"({dims}, Dk){note}")
+    _check_tensor("v", v, ndim, f"({dims}, Dv){note}")
+    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
     if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)} (B, L, H, Dk), got {tuple(k.shape)}")
-    b, length, h, dk = q.shape
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must have shape (B, L, H, Dv) = ({b}, {length}, {h}, Dv), got {tuple(v.shape)}")
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)} ({dims}, Dk), got {tuple(k.shape)}")
+    rows = tuple(q.shape[:-1])
+    if v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(f"v must have shape ({dims}, Dv) = ({', '.join(map(str, rows))}, Dv), got {tuple(v.shape)}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
-    if min(b, length, h, dk, v.shape[3]) == 0:
+    if min(*q.shape, v.shape[-1]) == 0:
         raise ValueError(f"q, k, v must be non-empty, got q {tuple(q.shape)} and v {tuple(v.shape)}")
     if family == "none":
         if gate is not None:
             raise ValueError("gate must be None for a spec with mask family 'none'")
     else:
-        want = (h,) if family == "decay" else (b, length, h)
-        layout = "(H,)" if family == "decay" else "(B, L, H)"
+        want = (q.shape[-2],) if family == "decay" else rows
+        layout = "(H,)" if family == "decay" else f"({dims})"
         if gate is None:
-            raise ValueError(f"gate is required for mask family {family!r}: shape {layout} = {want}")
-        _check_tensor("gate", gate, len(want), f"{layout} = {want}")
+            raise ValueError(f"gate is required for mask family {family!r}: shape {layout} = {want}{note}")
+        _check_tensor("gate", gate, len(want), f"{layout} = {want}{note}")
+        assert isinstance(gate, torch.Tensor)
         if tuple(gate.shape) != want:
-            raise ValueError(f"gate must have shape {layout} = {want}, got {tuple(gate.shape)}")
+            raise ValueError(f"gate must have shape {layout} = {want}{note}, got {tuple(gate.shape)}")
         if gate.device != q.device:
             raise ValueError(f"gate must be on the device of q ({q.device}), got {gate.device}")
-    return Shape(b, length, h, dk, v.shape[3])
+    return q, k, v
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, family: str) -> Shape:
+    """Validate shapes, dtypes, devices and the gate's presence for a mask family."""
+    check_tokens(q, k, v, gate, family, "B, L, H")
+    return Shape(*q.shape, v.shape[3])
 
 
 def check_key_padding_mask(key_padding_mask: object, shape: Shape, device: torch.device) -> torch.Tensor | None:

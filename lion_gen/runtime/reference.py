@@ -5,6 +5,20 @@ from __future__ import annotations
 import torch
 
 
+def zero_pads(
+    Q: torch.Tensor, K: torch.Tensor, log_gates: torch.Tensor | None, key_padding_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The reference forms' pad rows of a key padding mask (B, L), True = real token (None: no pads): Q = K = 0
+    and log-gate 0 there (decay 1: no gate crosses a pad)."""
+    if key_padding_mask is None:
+        return Q, K, log_gates
+    real = key_padding_mask[:, :, None, None]
+    Q, K = torch.where(real, Q, 0.0), torch.where(real, K, 0.0)
+    if log_gates is not None:
+        log_gates = torch.where(real[..., 0], log_gates, 0.0)
+    return Q, K, log_gates
+
+
 def lion_reference(
     Q: torch.Tensor,
     K: torch.Tensor,
@@ -28,11 +42,7 @@ def lion_reference(
     dt = torch.promote_types(Q.dtype, torch.float32)
     Q, K, vv = Q.to(dt), K.to(dt), v.to(dt)
     b, length, h, _ = Q.shape
-    if key_padding_mask is not None:
-        real = key_padding_mask[:, :, None, None]
-        Q, K = torch.where(real, Q, 0.0), torch.where(real, K, 0.0)
-        if log_gates is not None:
-            log_gates = torch.where(real[..., 0], log_gates, 0.0)
+    Q, K, log_gates = zero_pads(Q, K, log_gates, key_padding_mask)
     idx = torch.arange(length, device=Q.device)
     lower = idx[:, None] > idx[None, :]
     upper = idx[:, None] < idx[None, :]

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .checks import KernelSettings, Shape, _pow2_at_least, kernel_settings
+from .checks import KernelSettings, Shape, _pow2_at_least, check_tokens, kernel_settings
+from .reference import zero_pads
 
 STATE_FORMS = ("chunk", "recurrent", "torch", "reference")
 
@@ -126,11 +127,7 @@ def reference_causal(
     token: pad rows get Q = K = 0 and log-gate 0, as in ``lion_reference``.
     """
     dt = torch.promote_types(Q.dtype, torch.float32)
-    if key_padding_mask is not None:
-        real = key_padding_mask[:, :, None, None]
-        Q, K = torch.where(real, Q.to(dt), 0.0), torch.where(real, K.to(dt), 0.0)
-        if log_gates is not None:
-            log_gates = torch.where(real[..., 0], log_gates.to(dt), 0.0)
+    Q, K, log_gates = zero_pads(Q.to(dt), K.to(dt), log_gates, key_padding_mask)
     b, length, h, _ = Q.shape
     Qh, Kh = Q.to(dt).transpose(1, 2), K.to(dt).transpose(1, 2)  # (B, H, L, Dk)
     V = v.to(dt).transpose(1, 2)
@@ -164,42 +161,8 @@ def check_step(
     state: object, q: object, k: object, v: object, gate: object, family: str, normalize_rows: bool
 ) -> tuple[int, int, int, int]:
     """Validate the arguments of a one-token step; returns (B, H, Dk, Dv)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-        if t.dim() != 3:
-            layout = "(B, H, Dv)" if name == "v" else "(B, H, Dk)"
-            raise ValueError(f"{name} must have shape {layout} (one token), got {tuple(t.shape)}")
-    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)} (B, H, Dk), got {tuple(k.shape)}")
+    q, k, v = check_tokens(q, k, v, gate, family, "B, H", " (one token)")
     b, h, dk = q.shape
-    if v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"v must have shape (B, H, Dv) = ({b}, {h}, Dv), got {tuple(v.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
-    if min(b, h, dk, v.shape[2]) == 0:
-        raise ValueError(f"q, k, v must be non-empty, got q {tuple(q.shape)} and v {tuple(v.shape)}")
-    if family == "none":
-        if gate is not None:
-            raise ValueError("gate must be None for a spec with mask family 'none'")
-    else:
-        want = (h,) if family == "decay" else (b, h)
-        layout = "(H,)" if family == "decay" else "(B, H)"
-        if gate is None:
-            raise ValueError(f"gate is required for mask family {family!r}: shape {layout} = {want} (one token)")
-        if not isinstance(gate, torch.Tensor) or not gate.is_floating_point():
-            got = gate.dtype if isinstance(gate, torch.Tensor) else type(gate).__name__
-            raise TypeError(f"gate must be a floating-point torch.Tensor of shape {layout} = {want}, got {got}")
-        if tuple(gate.shape) != want:
-            raise ValueError(f"gate must have shape {layout} = {want} (one token), got {tuple(gate.shape)}")
-        if gate.device != q.device:
-            raise ValueError(f"gate must be on the device of q ({q.device}), got {gate.device}")
     if state is not None:
         check_state_tensor("state", state, q, b, h, dk, v.shape[2], normalize_rows)
     return b, h, dk, v.shape[2]
