@@ -1035,7 +1035,7 @@ class _Schedule:
             self.segs = self.H * sum(self.seg_counts)
         # How dots with a carried state run (runtime.tiles._sdot): fp32 runs keep fp32; 16-bit runs use bf16
         # operands (fp16 cannot hold a state: it sums K v^T over the sequence), bfloat16 runs store their
-        # states in bf16 too, float16 runs keep fp32 states and split them into two bf16 parts.
+        # states in bf16 too, float16 runs keep fp32 states and split both operands into two bf16 parts.
         self.SD = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[q.dtype]
         self.sdt = torch.bfloat16 if self.SD == 1 else torch.float32
         self.device = q.device
