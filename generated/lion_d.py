@@ -1493,7 +1493,7 @@ class _Schedule:
             self.chunks, self.segs = self.BH * self.N, self.BH * self.NS  # per-chunk and per-segment buffers
         else:
             self.seqs = shape.seqs.table(st.chunk, self.SEG)
-            self.seg_counts = [triton.cdiv(triton.cdiv(n, st.chunk), self.SEG) for n in shape.seqs.lengths]
+            self.seg_counts = shape.seqs.segment_counts(st.chunk, self.SEG)
             self.chunks = self.H * shape.seqs.chunks(st.chunk)
             self.segs = self.H * sum(self.seg_counts)
         # How dots with a carried state run (runtime.tiles._sdot): fp32 runs keep fp32; 16-bit runs use bf16

@@ -12,7 +12,7 @@ spec's initial and final states hold one state per sequence, (N, H, Dk, Dv').
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -32,6 +32,7 @@ class Seqs:
     cu: torch.Tensor
     starts: tuple[int, ...]
     lengths: tuple[int, ...]
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (chunk, seg) -> table
 
     @property
     def count(self) -> int:
@@ -57,11 +58,15 @@ class Seqs:
         short; an empty sequence has none)."""
         return sum(self._chunk_counts(chunk))
 
-    def segments(self, chunk: int, seg: int) -> int:
-        """The number of segments of ``seg`` chunks over all sequences (each sequence's last segment may
-        be short; an empty sequence has none)."""
+    def segment_counts(self, chunk: int, seg: int) -> list[int]:
+        """Each sequence's number of segments of ``seg`` chunks (its last segment may be short; an empty
+        sequence has none)."""
         _check_positive("seg", seg)
-        return sum(-(-c // seg) for c in self._chunk_counts(chunk))
+        return [-(-c // seg) for c in self._chunk_counts(chunk)]
+
+    def segments(self, chunk: int, seg: int) -> int:
+        """The number of segments of ``seg`` chunks over all sequences."""
+        return sum(self.segment_counts(chunk, seg))
 
     def table(self, chunk: int, seg: int) -> torch.Tensor:
         """The sequence table the kernels of a packed batch read: int32, shape (N + 1, 3), contiguous, on
@@ -77,17 +82,19 @@ class Seqs:
         table[b + 1, 1] - 1`` and segments ``table[b, 2] .. table[b + 1, 2] - 1`` of the packed batch's
         flat chunk and segment numbering. A kernel reads row b and row b + 1, i.e. the flat int32 offsets
         3b .. 3b + 5. An empty sequence has no chunk and no segment (its two rows agree). Built on the host
-        from ``starts`` and ``lengths`` (no device sync) and copied to the device once; every value is at
-        most T, so int32 holds it.
+        from ``starts`` and ``lengths`` (no device sync) and copied to the device once per (chunk, seg) and
+        call (the backward reuses the forward's); every value is at most T, so int32 holds it.
         """
-        counts = self._chunk_counts(chunk)
-        _check_positive("seg", seg)
-        rows, first_chunk, first_segment = [], 0, 0
-        for start, c in zip(self.starts + (self.total,), counts + [0], strict=True):
-            rows.append([start, first_chunk, first_segment])
-            first_chunk += c
-            first_segment += -(-c // seg)
-        return torch.tensor(rows, dtype=torch.int32).to(self.cu.device)
+        key = (chunk, seg)
+        if key not in self._tables:
+            chunks, segments = self._chunk_counts(chunk), self.segment_counts(chunk, seg)
+            rows, first_chunk, first_segment = [], 0, 0
+            for start, c, sc in zip(self.starts + (self.total,), chunks + [0], segments + [0], strict=True):
+                rows.append([start, first_chunk, first_segment])
+                first_chunk += c
+                first_segment += sc
+            self._tables[key] = torch.tensor(rows, dtype=torch.int32).to(self.cu.device)
+        return self._tables[key]
 
     def row_ends(self, device: torch.device) -> torch.Tensor:
         """For each row of the packed batch, the end of its sequence (one past its last row): int64 (T,)."""
