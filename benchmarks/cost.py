@@ -832,6 +832,18 @@ def compile_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def ptxas_release(arch: int = 90) -> str:
+    """The release of the ptxas Triton uses for ``arch`` (e.g. "12.8"; Triton 3.9 takes its newer
+    ptxas-blackwell for sm_90 too), or "" when it cannot be asked."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        found = re.search(r"release (\d+\.\d+)", get_ptxas_version(arch))
+        return found.group(1) if found else ""
+    except Exception:  # no nvidia backend, or no ptxas binary
+        return ""
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
@@ -944,7 +956,11 @@ def main(argv: list[str] | None = None) -> int:
         report["runs"].append(run)
         dry_launches += launches
     if not args.no_compile:
-        print("\n== sm_90a compile (Triton's ptxas; as each launch builds the kernel; figures per thread)")
+        report["ptxas"] = ptxas_release()
+        print(
+            f"\n== sm_90a compile (Triton {report['triton']}, its ptxas {report['ptxas'] or '?'}; as each launch "
+            "builds the kernel; figures per thread)"
+        )
         start = time.perf_counter()
         results = compile_launches(dry_launches)
         report["compile"] = {"seconds": round(time.perf_counter() - start, 1), "results": results}
