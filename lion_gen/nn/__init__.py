@@ -13,6 +13,12 @@ Natural orders for vision (``order="snake"``, lion_math.md section 1.5): two sca
 snake and a column snake, each with its own gates; their numerators and row sums are added before the
 division. The class token stays first in both. This path runs the generated module's torch form (it needs
 the numerators and row sums apart), on any device.
+
+Packed batches (``cu_seqlens``, as in flash-attn and the generated ops, docs/contract.md section 2.2):
+``LionAttention``, ``SoftmaxAttention``, ``Block`` and ``TokenEncoder`` take ``cu_seqlens``, an int32 tensor
+of offsets ``[0, L_0, L_0 + L_1, ..., T]``, with the sequences back to back in one batch row, x ``(1, T, dim)``
+(tokens ``(1, T)``); each sequence gets the outputs and gradients of a call on it alone (empty sequences
+allowed). The two-scan vision orders (``orders``) refuse it: they are permutations of one fixed patch grid.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from ..runtime import check_chunk_size, check_key_padding_mask
+from ..runtime import Seqs, check_chunk_size, check_cu_seqlens, check_key_padding_mask, packed
 from ..runtime.checks import Shape
 
 __all__ = [
@@ -74,6 +80,30 @@ def half_life_gates(op: ModuleType, num_heads: int, half_lives: tuple[float, flo
     return z.float()
 
 
+def _packed_sequences(cu_seqlens: object, name: str, x: torch.Tensor, *, values: bool = True) -> Seqs | None:
+    """The sequences of the packed batch ``x`` (``name``: (1, T) tokens or (1, T, dim) features), or None
+    when ``cu_seqlens`` is None: ``check_cu_seqlens``, one read of the offsets to the host. With
+    ``values=False``, and inside a torch.compile trace, only what needs no read of the offsets is checked
+    (their type, dtype, shape and device), and None is returned."""
+    if cu_seqlens is None:
+        return None
+    layout = "(1, T)" if name == "tokens" else "(1, T, dim)"
+    if x.dim() != (2 if name == "tokens" else 3) or x.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, {name} must be a packed batch {layout}, got shape {tuple(x.shape)}")
+    shape = Shape(1, x.shape[1], 1, 1, 1)
+    if not values or torch.compiler.is_compiling():
+        packed(cu_seqlens, shape, x.device, values=False)
+        return None
+    return check_cu_seqlens(cu_seqlens, shape, x.device)
+
+
+def _sequence_ids(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """For each of the ``length`` rows of a packed batch, the index of its sequence: int64 (length,), computed
+    on the device of ``cu_seqlens`` (no host synchronization). ``cu_seqlens`` must be valid (checked)."""
+    rows = torch.arange(length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens, rows, right=True) - 1
+
+
 def snake_orders(rows: int, cols: int, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Token orders for a rows x cols patch grid stored row-major after ``prefix`` tokens (a class token):
     the row snake (left to right, then right to left, ...) and the column snake (down, then up, ...)."""
@@ -90,9 +120,12 @@ class LionAttention(nn.Module):
     q, k, v from one Linear, the mask's gates per the spec's family (LION initialisations, see the module
     docstring), the generated op in ``form`` (default "auto": Triton kernels on CUDA, torch form elsewhere),
     an output Linear. ``orders``: None (the sequence order) or two permutations of the tokens (see
-    ``snake_orders``), each scanned with its own gates. ``forward(x, key_padding_mask=None)``: a bool (B, L)
-    mask, True = real token (the generated op's contract, section 3.1): the real tokens' outputs are those
-    of the batch without its pads, the pads' are ``proj``'s bias.
+    ``snake_orders``), each scanned with its own gates. ``forward(x, key_padding_mask=None, cu_seqlens=None)``:
+    a bool (B, L) mask, True = real token (the generated op's contract, section 3.1): the real tokens' outputs
+    are those of the batch without its pads, the pads' are ``proj``'s bias. ``cu_seqlens``: a packed batch,
+    x ``(1, T, dim)`` and the mask, if any, ``(1, T)`` (contract section 2.2), passed to the generated op in
+    every form (it checks the offsets before its kernels run); a selective gate is computed per token and a
+    decay gate is per head, so both pack as they are. With ``orders`` it is refused (ValueError).
     """
 
     def __init__(
@@ -142,12 +175,28 @@ class LionAttention(nn.Module):
             return self.gates[i](x)
         return None
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, L, _ = x.shape
+        if cu_seqlens is not None:
+            if self.scans != 1:
+                raise ValueError(
+                    "cu_seqlens (a packed batch) is not supported with orders (the two-scan vision path): its "
+                    "permutations are of one fixed token grid; pass cu_seqlens=None"
+                )
+            _packed_sequences(cu_seqlens, "x", x, values=False)  # the generated op checks the offsets' values
         q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).unbind(2)
         if self.scans == 1:
             y = self.fn(
-                q, k, v, self._gate(0, x), form=self.form, chunk_size=self.chunk_size, key_padding_mask=key_padding_mask
+                q,
+                k,
+                v,
+                self._gate(0, x),
+                form=self.form,
+                chunk_size=self.chunk_size,
+                key_padding_mask=key_padding_mask,
+                cu_seqlens=cu_seqlens,
             )
         else:
             shape = Shape(B, L, self.num_heads, self.head_dim, self.head_dim)
@@ -176,7 +225,10 @@ class LionAttention(nn.Module):
 class SoftmaxAttention(nn.Module):
     """Softmax multi-head attention (torch SDPA) with the same projections, for baselines. With a
     ``key_padding_mask`` (bool (B, L), True = real token) no query attends to a pad, and pads' outputs are
-    ``proj``'s bias, as in LionAttention."""
+    ``proj``'s bias, as in LionAttention. With ``cu_seqlens`` (a packed batch, x ``(1, T, dim)``, checked
+    with one read of the offsets to the host) each query attends to its own sequence only (a block-diagonal
+    (T, T) bool mask, built on the device), and a padding mask ``(1, T)`` applies on top: each sequence gets
+    what it gets alone."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -186,13 +238,26 @@ class SoftmaxAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, L, D = x.shape
+        _packed_sequences(cu_seqlens, "x", x)
+        real = check_key_padding_mask(key_padding_mask, Shape(B, L, self.num_heads, D, D), x.device)
         q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if key_padding_mask is None:
+        if cu_seqlens is not None:
+            seq = _sequence_ids(cu_seqlens, L)
+            keys = seq[:, None] == seq[None, :]  # (L, L): the query's own sequence
+            if real is not None:
+                own = keys
+                keys = keys & real[0][None, :]
+                keys = torch.where(keys.any(1, keepdim=True), keys, own)  # a sequence of pads only: its own rows
+            y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys)
+            if real is not None:
+                y = torch.where(real[:, None, :, None], y, 0.0)
+        elif real is None:
             y = nn.functional.scaled_dot_product_attention(q, k, v)
         else:
-            real = check_key_padding_mask(key_padding_mask, Shape(B, L, self.num_heads, D, D), x.device)
             keys = real | ~real.any(1, keepdim=True)  # a sequence of pads only: any keys (its outputs are zeroed)
             y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
             y = torch.where(real[:, None, :, None], y, 0.0)
@@ -200,16 +265,21 @@ class SoftmaxAttention(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drops the residual branch per sample with probability p (training only)."""
+    """Stochastic depth: drops the residual branch per sample with probability p (training only). With
+    ``cu_seqlens`` (a packed batch (1, T, ...), already checked by the attention) per sequence instead."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
-        keep = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) >= self.p
+        if cu_seqlens is None:
+            keep = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) >= self.p
+        else:
+            keep = torch.rand(cu_seqlens.shape[0] - 1, device=x.device) >= self.p
+            keep = keep[_sequence_ids(cu_seqlens, x.shape[1])].view(1, -1, *([1] * (x.dim() - 2)))
         return x * keep.to(x.dtype) / (1.0 - self.p)
 
 
@@ -222,8 +292,9 @@ class Block(nn.Module):
     """Pre-norm block: x + drop_path(attn(norm(x))), then x + drop_path(mlp(norm(x))).
 
     ``attn`` is a LionAttention (or any (B, L, dim) -> (B, L, dim) module, e.g. SoftmaxAttention); the
-    selective gate of a LionAttention reads the normalized block input. ``forward(x, key_padding_mask=None)``
-    passes a mask on to ``attn`` (only when it is not None, so that any module works without one).
+    selective gate of a LionAttention reads the normalized block input. ``forward(x, key_padding_mask=None,
+    cu_seqlens=None)`` passes a mask and a packed batch's offsets on to ``attn`` (each only when it is not
+    None, so that any module works without them); with ``cu_seqlens`` drop-path drops per sequence.
     """
 
     def __init__(self, dim: int, attn: nn.Module, *, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
@@ -234,11 +305,14 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.norm1(x)
-        h = self.attn(h) if key_padding_mask is None else self.attn(h, key_padding_mask=key_padding_mask)
-        x = x + self.drop_path(h)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        kw = {} if key_padding_mask is None else {"key_padding_mask": key_padding_mask}
+        if cu_seqlens is not None:
+            kw["cu_seqlens"] = cu_seqlens
+        x = x + self.drop_path(self.attn(self.norm1(x), **kw), cu_seqlens)
+        return x + self.drop_path(self.mlp(self.norm2(x)), cu_seqlens)
 
 
 def _attention(op: ModuleType | str, dim: int, num_heads: int, **kw) -> nn.Module:
@@ -346,10 +420,15 @@ class TokenEncoder(nn.Module):
     """A bidirectional encoder of token ids: (B, L) int -> (B, L, dim), LION attention blocks.
 
     Token and learned positional embeddings (up to ``max_len`` positions), ``depth`` pre-norm blocks, a final
-    LayerNorm. ``forward(tokens, key_padding_mask=None)``: a bool (B, L) mask, True = real token, passed to
-    every block's attention: no real token sees a pad (a pad's outputs are not meaningful; ignore them). With
-    right padding, the real tokens' outputs equal those of the unpadded sequences (pads elsewhere shift the
-    positions of the tokens after them: their positional embeddings differ).
+    LayerNorm. ``forward(tokens, key_padding_mask=None, cu_seqlens=None)``: a bool (B, L) mask, True = real
+    token, passed to every block's attention: no real token sees a pad (a pad's outputs are not meaningful;
+    ignore them). With right padding, the real tokens' outputs equal those of the unpadded sequences (pads
+    elsewhere shift the positions of the tokens after them: their positional embeddings differ).
+    ``cu_seqlens``: a packed batch, tokens ``(1, T)`` (and the mask ``(1, T)``), each sequence at most
+    ``max_len`` long; positions restart at 0 in every sequence (computed on the device), so each sequence gets
+    what it gets alone. The offsets are checked with one read to the host here (besides the one of each
+    block's attention op); inside a torch.compile trace only their layout is, and the lengths are not
+    checked against ``max_len``.
     """
 
     def __init__(
@@ -381,12 +460,24 @@ class TokenEncoder(nn.Module):
         _init_weights(self)
         nn.init.normal_(self.embed.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if tokens.dim() != 2 or tokens.shape[1] > self.pos_embed.shape[1]:
-            raise ValueError(
-                f"tokens must have shape (B, L) with L <= {self.pos_embed.shape[1]}, got {tuple(tokens.shape)}"
-            )
-        x = self.embed(tokens) + self.pos_embed[:, : tokens.shape[1]]
+    def forward(
+        self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        max_len = self.pos_embed.shape[1]
+        if cu_seqlens is None:
+            if tokens.dim() != 2 or tokens.shape[1] > max_len:
+                raise ValueError(f"tokens must have shape (B, L) with L <= {max_len}, got {tuple(tokens.shape)}")
+            x = self.embed(tokens) + self.pos_embed[:, : tokens.shape[1]]
+        else:
+            seqs = _packed_sequences(cu_seqlens, "tokens", tokens)
+            if seqs is not None and seqs.max_length > max_len:
+                raise ValueError(
+                    f"cu_seqlens: every sequence must be at most max_len = {max_len} long, got one of "
+                    f"{seqs.max_length} (sequence {seqs.lengths.index(seqs.max_length)})"
+                )
+            rows = torch.arange(tokens.shape[1], device=tokens.device)
+            positions = rows - cu_seqlens[_sequence_ids(cu_seqlens, tokens.shape[1])]  # 0 at each sequence's start
+            x = self.embed(tokens) + self.pos_embed[0, positions][None]
         for blk in self.blocks:
-            x = blk(x, key_padding_mask)
+            x = blk(x, key_padding_mask, cu_seqlens)
         return self.norm(x)
