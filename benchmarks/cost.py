@@ -685,7 +685,7 @@ def packed_overhead(
     """What a packed batch (cu_seqlens) moves against the same tokens unpacked, all counted under the
     interpreter: the packed call; each sequence in a call of its own (B = 1); and the padded batch a user
     would otherwise build (B = N, L = the longest). Bytes read + written by the kernels, and programs
-    launched (a packed grid spans the longest sequence: programs past a shorter one's end return at once)."""
+    launched (a packed call launches one program per segment or tile and head of each sequence)."""
     runs = {"packed": [capture(spec, 1, sum(lengths), H, D, dtype, chunk, form, count=True, packed=lengths)]}
     runs["one call per sequence"] = [capture(spec, 1, n, H, D, dtype, chunk, form, count=True) for n in lengths if n]
     runs["padded batch"] = [capture(spec, len(lengths), max(lengths), H, D, dtype, chunk, form, count=True)]

@@ -219,9 +219,15 @@ def _retention_fwd_summary(
     L, H, SEG, NS, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
-    b = (pid // H).to(tl.int64)
-    h = pid % H
+    if seqs_ptr is not None:  # a packed batch: one program per (segment g, h) of the batch's own segments
+        g = tl.program_id(0) // H
+        h = tl.program_id(0) % H
+        b = tl.load(seqs_ptr - 1 - g).to(tl.int64)  # the map precedes the table, backwards
+        pid = b * H + h
+    else:
+        pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+        b = (pid // H).to(tl.int64)
+        h = pid % H
     if seqs_ptr is not None:  # a packed batch (cu_seqlens): sequence b is rows [bos, bos + L) of (1, T, ...) tensors
         bos = tl.load(seqs_ptr + 3 * b).to(tl.int64)
         L = tl.load(seqs_ptr + 3 * b + 3) - tl.load(seqs_ptr + 3 * b)
@@ -241,15 +247,16 @@ def _retention_fwd_summary(
     else:
         cbase = pid.to(tl.int64) * N
 
-    s = tl.program_id(1)  # the segment: chunks [n0, n1)
     if seqs_ptr is not None:  # this sequence's segments: per-segment buffers hold (b, h) blocks of NS, in order
-        NS = tl.load(seqs_ptr + 3 * b + 5) - tl.load(seqs_ptr + 3 * b + 2)
-        sbase = tl.load(seqs_ptr + 3 * b + 2).to(tl.int64) * H + h * NS
+        s0 = tl.load(seqs_ptr + 3 * b + 2)  # its first segment
+        NS = tl.load(seqs_ptr + 3 * b + 5) - s0
+        sbase = s0.to(tl.int64) * H + h * NS
     else:
         sbase = pid.to(tl.int64) * NS
     if seqs_ptr is not None:
-        if s >= NS:  # the grid spans the longest sequence's segments
-            return
+        s = g - s0  # the segment: the packed grid holds this sequence's segments only
+    else:
+        s = tl.program_id(1)  # the segment: chunks [n0, n1)
     n0 = s * SEG
     n1 = tl.minimum(n0 + SEG, N)
     seg = sbase + s  # index of this (b, h, segment) in per-segment buffers
@@ -296,8 +303,9 @@ def _retention_fwd_scan(
     b = pid // H
     h = pid % H
     if seqs_ptr is not None:  # this sequence's segments: per-segment buffers hold (b, h) blocks of NS, in order
-        NS = tl.load(seqs_ptr + 3 * b + 5) - tl.load(seqs_ptr + 3 * b + 2)
-        sbase = tl.load(seqs_ptr + 3 * b + 2).to(tl.int64) * H + h * NS
+        s0 = tl.load(seqs_ptr + 3 * b + 2)  # its first segment
+        NS = tl.load(seqs_ptr + 3 * b + 5) - s0
+        sbase = s0.to(tl.int64) * H + h * NS
     else:
         sbase = pid.to(tl.int64) * NS
     o_k = tl.arange(0, BK)
@@ -335,9 +343,15 @@ def _retention_fwd_output(
     L, H, SEG, NS, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
-    b = (pid // H).to(tl.int64)
-    h = pid % H
+    if seqs_ptr is not None:  # a packed batch: one program per (segment g, h) of the batch's own segments
+        g = tl.program_id(0) // H
+        h = tl.program_id(0) % H
+        b = tl.load(seqs_ptr - 1 - g).to(tl.int64)  # the map precedes the table, backwards
+        pid = b * H + h
+    else:
+        pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+        b = (pid // H).to(tl.int64)
+        h = pid % H
     if seqs_ptr is not None:  # a packed batch (cu_seqlens): sequence b is rows [bos, bos + L) of (1, T, ...) tensors
         bos = tl.load(seqs_ptr + 3 * b).to(tl.int64)
         L = tl.load(seqs_ptr + 3 * b + 3) - tl.load(seqs_ptr + 3 * b)
@@ -357,15 +371,16 @@ def _retention_fwd_output(
     else:
         cbase = pid.to(tl.int64) * N
 
-    s = tl.program_id(1)  # the segment: chunks [n0, n1)
     if seqs_ptr is not None:  # this sequence's segments: per-segment buffers hold (b, h) blocks of NS, in order
-        NS = tl.load(seqs_ptr + 3 * b + 5) - tl.load(seqs_ptr + 3 * b + 2)
-        sbase = tl.load(seqs_ptr + 3 * b + 2).to(tl.int64) * H + h * NS
+        s0 = tl.load(seqs_ptr + 3 * b + 2)  # its first segment
+        NS = tl.load(seqs_ptr + 3 * b + 5) - s0
+        sbase = s0.to(tl.int64) * H + h * NS
     else:
         sbase = pid.to(tl.int64) * NS
     if seqs_ptr is not None:
-        if s >= NS:  # the grid spans the longest sequence's segments
-            return
+        s = g - s0  # the segment: the packed grid holds this sequence's segments only
+    else:
+        s = tl.program_id(1)  # the segment: chunks [n0, n1)
     n0 = s * SEG
     n1 = tl.minimum(n0 + SEG, N)
     seg = sbase + s  # index of this (b, h, segment) in per-segment buffers
@@ -407,9 +422,15 @@ def _retention_bwd_summary(
     L, H, SEG, NS, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
-    b = (pid // H).to(tl.int64)
-    h = pid % H
+    if seqs_ptr is not None:  # a packed batch: one program per (segment g, h) of the batch's own segments
+        g = tl.program_id(0) // H
+        h = tl.program_id(0) % H
+        b = tl.load(seqs_ptr - 1 - g).to(tl.int64)  # the map precedes the table, backwards
+        pid = b * H + h
+    else:
+        pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+        b = (pid // H).to(tl.int64)
+        h = pid % H
     if seqs_ptr is not None:  # a packed batch (cu_seqlens): sequence b is rows [bos, bos + L) of (1, T, ...) tensors
         bos = tl.load(seqs_ptr + 3 * b).to(tl.int64)
         L = tl.load(seqs_ptr + 3 * b + 3) - tl.load(seqs_ptr + 3 * b)
@@ -429,15 +450,16 @@ def _retention_bwd_summary(
     else:
         cbase = pid.to(tl.int64) * N
 
-    s = tl.program_id(1)  # the segment: chunks [n0, n1)
     if seqs_ptr is not None:  # this sequence's segments: per-segment buffers hold (b, h) blocks of NS, in order
-        NS = tl.load(seqs_ptr + 3 * b + 5) - tl.load(seqs_ptr + 3 * b + 2)
-        sbase = tl.load(seqs_ptr + 3 * b + 2).to(tl.int64) * H + h * NS
+        s0 = tl.load(seqs_ptr + 3 * b + 2)  # its first segment
+        NS = tl.load(seqs_ptr + 3 * b + 5) - s0
+        sbase = s0.to(tl.int64) * H + h * NS
     else:
         sbase = pid.to(tl.int64) * NS
     if seqs_ptr is not None:
-        if s >= NS:  # the grid spans the longest sequence's segments
-            return
+        s = g - s0  # the segment: the packed grid holds this sequence's segments only
+    else:
+        s = tl.program_id(1)  # the segment: chunks [n0, n1)
     n0 = s * SEG
     n1 = tl.minimum(n0 + SEG, N)
     seg = sbase + s  # index of this (b, h, segment) in per-segment buffers
@@ -483,8 +505,9 @@ def _retention_bwd_scan(
     b = pid // H
     h = pid % H
     if seqs_ptr is not None:  # this sequence's segments: per-segment buffers hold (b, h) blocks of NS, in order
-        NS = tl.load(seqs_ptr + 3 * b + 5) - tl.load(seqs_ptr + 3 * b + 2)
-        sbase = tl.load(seqs_ptr + 3 * b + 2).to(tl.int64) * H + h * NS
+        s0 = tl.load(seqs_ptr + 3 * b + 2)  # its first segment
+        NS = tl.load(seqs_ptr + 3 * b + 5) - s0
+        sbase = s0.to(tl.int64) * H + h * NS
     else:
         sbase = pid.to(tl.int64) * NS
     o_k = tl.arange(0, BK)
@@ -526,9 +549,15 @@ def _retention_bwd_grads(
     L, H, SEG, NS, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SD: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
-    b = (pid // H).to(tl.int64)
-    h = pid % H
+    if seqs_ptr is not None:  # a packed batch: one program per (segment g, h) of the batch's own segments
+        g = tl.program_id(0) // H
+        h = tl.program_id(0) % H
+        b = tl.load(seqs_ptr - 1 - g).to(tl.int64)  # the map precedes the table, backwards
+        pid = b * H + h
+    else:
+        pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+        b = (pid // H).to(tl.int64)
+        h = pid % H
     if seqs_ptr is not None:  # a packed batch (cu_seqlens): sequence b is rows [bos, bos + L) of (1, T, ...) tensors
         bos = tl.load(seqs_ptr + 3 * b).to(tl.int64)
         L = tl.load(seqs_ptr + 3 * b + 3) - tl.load(seqs_ptr + 3 * b)
@@ -548,15 +577,16 @@ def _retention_bwd_grads(
     else:
         cbase = pid.to(tl.int64) * N
 
-    s = tl.program_id(1)  # the segment: chunks [n0, n1)
     if seqs_ptr is not None:  # this sequence's segments: per-segment buffers hold (b, h) blocks of NS, in order
-        NS = tl.load(seqs_ptr + 3 * b + 5) - tl.load(seqs_ptr + 3 * b + 2)
-        sbase = tl.load(seqs_ptr + 3 * b + 2).to(tl.int64) * H + h * NS
+        s0 = tl.load(seqs_ptr + 3 * b + 2)  # its first segment
+        NS = tl.load(seqs_ptr + 3 * b + 5) - s0
+        sbase = s0.to(tl.int64) * H + h * NS
     else:
         sbase = pid.to(tl.int64) * NS
     if seqs_ptr is not None:
-        if s >= NS:  # the grid spans the longest sequence's segments
-            return
+        s = g - s0  # the segment: the packed grid holds this sequence's segments only
+    else:
+        s = tl.program_id(1)  # the segment: chunks [n0, n1)
     n0 = s * SEG
     n1 = tl.minimum(n0 + SEG, N)
     seg = sbase + s  # index of this (b, h, segment) in per-segment buffers
@@ -660,9 +690,15 @@ def _retention_gate_grad(
     L, H, SEG, NS,
     C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // H).to(tl.int64)
-    h = pid % H
+    if seqs_ptr is not None:  # a packed batch: one program per (segment g, h) of the batch's own segments
+        g = tl.program_id(0) // H
+        h = tl.program_id(0) % H
+        b = tl.load(seqs_ptr - 1 - g).to(tl.int64)  # the map precedes the table, backwards
+        pid = b * H + h
+    else:
+        pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+        b = (pid // H).to(tl.int64)
+        h = pid % H
     if seqs_ptr is not None:  # a packed batch (cu_seqlens): sequence b is rows [bos, bos + L) of (1, T, ...) tensors
         bos = tl.load(seqs_ptr + 3 * b).to(tl.int64)
         L = tl.load(seqs_ptr + 3 * b + 3) - tl.load(seqs_ptr + 3 * b)
@@ -672,15 +708,16 @@ def _retention_gate_grad(
     g_base = (bos * H) * G_ROWED + h
     o_c = tl.arange(0, C)
     N = tl.cdiv(L, C)
-    s = tl.program_id(1)  # the segment: chunks [n0, n1)
     if seqs_ptr is not None:  # this sequence's segments: per-segment buffers hold (b, h) blocks of NS, in order
-        NS = tl.load(seqs_ptr + 3 * b + 5) - tl.load(seqs_ptr + 3 * b + 2)
-        sbase = tl.load(seqs_ptr + 3 * b + 2).to(tl.int64) * H + h * NS
+        s0 = tl.load(seqs_ptr + 3 * b + 2)  # its first segment
+        NS = tl.load(seqs_ptr + 3 * b + 5) - s0
+        sbase = s0.to(tl.int64) * H + h * NS
     else:
         sbase = pid.to(tl.int64) * NS
     if seqs_ptr is not None:
-        if s >= NS:  # the grid spans the longest sequence's segments
-            return
+        s = g - s0  # the segment: the packed grid holds this sequence's segments only
+    else:
+        s = tl.program_id(1)  # the segment: chunks [n0, n1)
     n0 = s * SEG
     n1 = tl.minimum(n0 + SEG, N)
     seg = sbase + s  # index of this (b, h, segment) in per-segment buffers
@@ -721,9 +758,15 @@ def _retention_parallel_fwd(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
-    b = (pid // H).to(tl.int64)
-    h = pid % H
+    if seqs_ptr is not None:  # a packed batch: one program per (segment g, h) of the batch's own segments
+        g = tl.program_id(0) // H
+        h = tl.program_id(0) % H
+        b = tl.load(seqs_ptr - 1 - g).to(tl.int64)  # the map precedes the table, backwards
+        pid = b * H + h
+    else:
+        pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+        b = (pid // H).to(tl.int64)
+        h = pid % H
     if seqs_ptr is not None:  # a packed batch (cu_seqlens): sequence b is rows [bos, bos + L) of (1, T, ...) tensors
         bos = tl.load(seqs_ptr + 3 * b).to(tl.int64)
         L = tl.load(seqs_ptr + 3 * b + 3) - tl.load(seqs_ptr + 3 * b)
@@ -739,10 +782,10 @@ def _retention_parallel_fwd(
     dt = v_ptr.dtype.element_ty
     N = tl.cdiv(L, C)
 
-    t = tl.program_id(1)  # the query tile
     if seqs_ptr is not None:
-        if t * C >= L:  # the grid spans the longest sequence's tiles
-            return
+        t = g - tl.load(seqs_ptr + 3 * b + 2)  # the query tile: the packed grid holds this sequence's tiles only
+    else:
+        t = tl.program_id(1)  # the query tile
     rows = t * C + o_c
     _, Q, _ = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
     Qd = (Q * scale).to(dt)
@@ -791,9 +834,15 @@ def _retention_parallel_bwd_q(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
-    b = (pid // H).to(tl.int64)
-    h = pid % H
+    if seqs_ptr is not None:  # a packed batch: one program per (segment g, h) of the batch's own segments
+        g = tl.program_id(0) // H
+        h = tl.program_id(0) % H
+        b = tl.load(seqs_ptr - 1 - g).to(tl.int64)  # the map precedes the table, backwards
+        pid = b * H + h
+    else:
+        pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+        b = (pid // H).to(tl.int64)
+        h = pid % H
     if seqs_ptr is not None:  # a packed batch (cu_seqlens): sequence b is rows [bos, bos + L) of (1, T, ...) tensors
         bos = tl.load(seqs_ptr + 3 * b).to(tl.int64)
         L = tl.load(seqs_ptr + 3 * b + 3) - tl.load(seqs_ptr + 3 * b)
@@ -809,10 +858,10 @@ def _retention_parallel_bwd_q(
     dt = v_ptr.dtype.element_ty
     N = tl.cdiv(L, C)
 
-    t = tl.program_id(1)  # the query tile
     if seqs_ptr is not None:
-        if t * C >= L:  # the grid spans the longest sequence's tiles
-            return
+        t = g - tl.load(seqs_ptr + 3 * b + 2)  # the query tile: the packed grid holds this sequence's tiles only
+    else:
+        t = tl.program_id(1)  # the query tile
     rows = t * C + o_c
     xq, phq, nq = _load_features(q_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
     Q = phq * scale
@@ -879,9 +928,15 @@ def _retention_parallel_bwd_kv(
     L, H, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
-    b = (pid // H).to(tl.int64)
-    h = pid % H
+    if seqs_ptr is not None:  # a packed batch: one program per (segment g, h) of the batch's own segments
+        g = tl.program_id(0) // H
+        h = tl.program_id(0) % H
+        b = tl.load(seqs_ptr - 1 - g).to(tl.int64)  # the map precedes the table, backwards
+        pid = b * H + h
+    else:
+        pid = tl.program_id(0)  # (b, h) on grid axis x: B * H may exceed axis y's 65535
+        b = (pid // H).to(tl.int64)
+        h = pid % H
     if seqs_ptr is not None:  # a packed batch (cu_seqlens): sequence b is rows [bos, bos + L) of (1, T, ...) tensors
         bos = tl.load(seqs_ptr + 3 * b).to(tl.int64)
         L = tl.load(seqs_ptr + 3 * b + 3) - tl.load(seqs_ptr + 3 * b)
@@ -897,10 +952,10 @@ def _retention_parallel_bwd_kv(
     dt = v_ptr.dtype.element_ty
     N = tl.cdiv(L, C)
 
-    u = tl.program_id(1)  # the key tile
     if seqs_ptr is not None:
-        if u * C >= L:  # the grid spans the longest sequence's tiles
-            return
+        u = g - tl.load(seqs_ptr + 3 * b + 2)  # the key tile: the packed grid holds this sequence's tiles only
+    else:
+        u = tl.program_id(1)  # the key tile
     rows = u * C + o_c
     xk, K, nk = _load_features(k_ptr, qk_base, rows, o_k, L, H * DK, DK, pad_ptr, bos)
     Kd = K.to(dt)
@@ -1373,7 +1428,7 @@ class _Schedule:
     the buffers that pass between its launches."""
 
     def __init__(self, q: torch.Tensor, shape, st) -> None:
-        # B sequences, L the longest (a packed batch: its grids span the longest sequence's segments)
+        # B sequences, L the longest (a packed batch: SEG is chosen for the longest sequence)
         self.B, self.L, self.H = shape.sequences, shape.longest, shape.heads
         self.BH = self.B * self.H
         self.N = triton.cdiv(self.L, st.chunk)
@@ -1395,7 +1450,8 @@ class _Schedule:
         self.sdt = torch.bfloat16 if self.SD == 1 else torch.float32
         self.device = q.device
         self.dk, self.dv = shape.dk, shape.dv
-        self.segments = (self.BH, self.NS)  # grid of the per-segment launches
+        # grid of the per-segment launches; packed: flat, one program per (segment, head) that exists
+        self.segments = (self.BH, self.NS) if self.seqs is None else (self.segs,)
         self.heads = (self.BH,)  # grid of the scans
 
     def states(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1486,14 +1542,22 @@ def _seq_table(shape, st):
     return None if shape.seqs is None else shape.seqs.table(st.chunk, 1)
 
 
+def _parallel_grid(shape, st) -> tuple[int, ...]:
+    """The parallel kernels' grid: (b, h) x tiles of the longest sequence; packed, flat: one program per (tile,
+    head) that exists (the table's segments of one chunk are the tiles)."""
+    if shape.seqs is None:
+        return (shape.sequences * shape.heads, triton.cdiv(shape.longest, st.chunk))
+    return (shape.heads * shape.seqs.chunks(st.chunk),)
+
+
 def _parallel_forward(q, k, v, gate, pad, shape, st):
-    B, L, H = shape.sequences, shape.longest, shape.heads  # packed: the grid spans the longest sequence
+    L, H = shape.longest, shape.heads
     y = torch.empty_like(v)
     n = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     g, g_rowed, g_stride = _gate_layout(gate, shape)
     launch(
         _retention_parallel_fwd,
-        (B * H, triton.cdiv(L, st.chunk)),
+        _parallel_grid(shape, st),
         q, k, v, pad, _seq_table(shape, st),
         g, g_rowed, g_stride,
         y, n, L=L, H=H, scale=_scale(shape.dk), eps=EPS,
@@ -1503,14 +1567,14 @@ def _parallel_forward(q, k, v, gate, pad, shape, st):
 
 
 def _parallel_backward(q, k, v, gate, pad, y, n, dy, saved, shape, st):
-    B, L, H = shape.sequences, shape.longest, shape.heads
+    L, H = shape.longest, shape.heads
     seqs = _seq_table(shape, st)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     # dF, dG: row halves from the query kernel, column halves from the key kernel
     halves = torch.empty(4 if True else 2, *q.shape[:3], dtype=torch.float32, device=q.device)
-    grid = (B * H, triton.cdiv(L, st.chunk))
+    grid = _parallel_grid(shape, st)
     common = dict(L=L, H=H, scale=_scale(shape.dk), eps=EPS, DK=shape.dk, DV=shape.dv, BK=st.block_k,
                   BV=st.block_v, C=st.chunk, PREC=st.precision, num_warps=8)
     inputs = (q, k, v, pad, seqs, *_gate_layout(gate, shape))
@@ -1740,7 +1804,7 @@ def retention(
     cu_seqlens: None, or a packed batch: an int32 (N + 1,) tensor [0, L_0, L_0 + L_1, ..., T] on the device
     of q (as in flash-attn), with q, k, v (1, T, H, D): each of the N sequences is computed as if
     alone (empty ones allowed), in every form. Checked
-    with one device-to-host copy; the kernels' grids span the longest sequence.
+    with one device-to-host copy; no kernel program is launched past a sequence's end.
     initial_state, output_final_state: refused (ValueError): a bidirectional output depends on the whole
     sequence, later rows included, so no state of a prefix summarizes it.
     """

@@ -275,3 +275,70 @@ def test_packed_batch_under_torch_compile(name, device):
         results.append([out.detach()] + [t.grad for t in x])
     for got, want in zip(results[1], results[0], strict=True):
         assert rel_rms(got, want.double()) <= TOL[torch.float32]
+
+
+# ------------------------------------------------------------------------------------- the packed grids
+
+EDGES = [0, 9, 0, 70, 16, 1, 0]  # empty first, in the middle and last; 70 rows, more than all others together
+PER_SEGMENT = ("_summary", "_output", "_grads", "_gate_grad")
+
+
+def expected_grid(kernel: str, lengths: list[int], form: str, seg: int, heads: int = H) -> tuple[int, ...]:
+    """What a packed launch must be: one program per (segment, head) of each sequence in the per-segment
+    stages, per (tile, head) in the parallel form, per (sequence, head) in the scans and the recurrent form."""
+    chunks = [-(-n // CHUNK) for n in lengths]
+    if form == "parallel":
+        return (heads * sum(chunks),)
+    if form == "chunk" and kernel.endswith(PER_SEGMENT):
+        return (heads * sum(-(-c // seg) for c in chunks),)
+    assert form == "recurrent" or kernel.endswith("_scan"), kernel
+    return (heads * len(lengths),)
+
+
+def record_grids(mod, monkeypatch, run_kernels: bool) -> list[tuple[str, tuple[int, ...]]]:
+    seen = []
+    real = mod.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        seen.append((kernel.__name__, tuple(grid)))
+        if run_kernels:
+            real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(mod, "launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("form,seg", [("chunk", 1), ("chunk", 2), ("chunk", 3), ("parallel", 1), ("recurrent", 1)])
+@pytest.mark.parametrize("name", SPECS)
+def test_packed_launches_hold_exactly_the_programs_with_work(name, form, seg, monkeypatch):
+    """Every launch of a packed call, forward and backward, has sum over sequences of (segments x H)
+    programs (tiles x H in the parallel form, H per sequence in the scans and the recurrent form): none past
+    a sequence's end, none for the segments of an empty sequence. Segments of ``seg`` chunks (the chunk
+    form's). The kernels are not run (grids only)."""
+    mod = module(name)
+    monkeypatch.setattr(mod, "segment_chunks", lambda bh, n, dev: seg)
+    for lengths in (EDGES, LENGTHS, [200, 3, 0]):
+        seen = record_grids(mod, monkeypatch, run_kernels=False)
+        q, k, v, gate, dy = inputs(mod, sum(lengths))
+        x = [t.float().requires_grad_() for t in (q, k, v)]
+        g = None if gate is None else gate.float().requires_grad_()
+        getattr(mod, name)(*x, g, form=form, chunk_size=CHUNK, cu_seqlens=cu_of(lengths)).backward(dy.float())
+        assert seen, "no launch recorded"
+        for kernel, grid in seen:
+            assert grid == expected_grid(kernel, lengths, form, seg), (kernel, lengths, grid)
+        if form == "chunk":
+            assert {kernel for kernel, _ in seen} >= {f"_{name}_fwd_summary", f"_{name}_bwd_grads"}
+
+
+@pytest.mark.parametrize("form", ["chunk", "parallel", "recurrent"])
+@pytest.mark.parametrize("name", ["lion_s", "lion_d", "lion_lit", "lion_s_causal"])
+def test_empty_sequences_at_the_ends_and_one_longer_than_all_others(name, form, device, monkeypatch):
+    """Empty sequences first, in the middle and last, and one sequence longer than all the others together
+    (its segments are most of the flat grid): every output and gradient against each sequence alone, and the
+    grids hold exactly the programs with work."""
+    mod = module(name)
+    if form == "chunk":
+        monkeypatch.setattr(mod, "segment_chunks", lambda bh, n, dev: 2)
+    seen = record_grids(mod, monkeypatch, run_kernels=True)
+    check(mod, form, EDGES, device)
+    assert seen and all(grid == expected_grid(kernel, EDGES, form, 2) for kernel, grid in seen), seen

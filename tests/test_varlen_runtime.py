@@ -126,6 +126,19 @@ def test_table_hand_computed():
     flat = table.flatten().tolist()
     b = 3  # a kernel reads row b and row b + 1 at flat offsets 3b .. 3b + 5
     assert flat[3 * b : 3 * b + 6] == [65, 2, 2, 130, 4, 3]
+    # the segment -> sequence map precedes the table in its storage, backwards: segment g at offset -1 - g
+    assert seqs.owners(64, 2) == [1, 2, 3, 4, 4]
+    assert before_table(table, 5) == [1, 2, 3, 4, 4]
+    assert table.storage_offset() % 4 == 0  # 16-byte aligned
+    assert seqs.table(64, 2) is table  # built and copied once per (chunk, seg)
+
+
+def before_table(table: torch.Tensor, count: int) -> list[int]:
+    """The ``count`` int32 right before ``table`` in its storage, read as a kernel reads them (offset -1 - g)."""
+    storage = torch.empty(0, dtype=table.dtype).set_(table.untyped_storage())
+    start = table.storage_offset()
+    assert start >= count
+    return [int(storage[start - 1 - g]) for g in range(count)]
 
 
 def test_table_other_sizes_match_a_direct_count():
@@ -134,9 +147,13 @@ def test_table_other_sizes_match_a_direct_count():
     for chunk, seg in [(16, 1), (16, 3), (4, 2), (64, 16)]:
         chunks = [(n + chunk - 1) // chunk for n in lengths]
         segments = [(c + seg - 1) // seg for c in chunks]
-        rows = seqs.table(chunk, seg).tolist()
+        table = seqs.table(chunk, seg)
+        rows = table.tolist()
         for i in range(len(lengths) + 1):
             assert rows[i] == [sum(lengths[:i]), sum(chunks[:i]), sum(segments[:i])], (chunk, seg, i)
+        owners = [i for i, c in enumerate(segments) for _ in range(c)]
+        assert seqs.owners(chunk, seg) == owners and before_table(table, len(owners)) == owners, (chunk, seg)
+        assert table.storage_offset() % 4 == 0
         assert (seqs.chunks(chunk), seqs.segments(chunk, seg)) == (sum(chunks), sum(segments))
 
 

@@ -70,7 +70,7 @@ class Seqs:
 
     def table(self, chunk: int, seg: int) -> torch.Tensor:
         """The sequence table the kernels of a packed batch read: int32, shape (N + 1, 3), contiguous, on
-        the device of ``cu``.
+        the device of ``cu``, preceded in its storage by the segment -> sequence map.
 
         Row i (0 <= i < N) describes sequence i, and row N holds the totals::
 
@@ -81,20 +81,38 @@ class Seqs:
         so that sequence b owns rows ``table[b, 0] .. table[b + 1, 0] - 1``, chunks ``table[b, 1] ..
         table[b + 1, 1] - 1`` and segments ``table[b, 2] .. table[b + 1, 2] - 1`` of the packed batch's
         flat chunk and segment numbering. A kernel reads row b and row b + 1, i.e. the flat int32 offsets
-        3b .. 3b + 5. An empty sequence has no chunk and no segment (its two rows agree). Built on the host
-        from ``starts`` and ``lengths`` (no device sync) and copied to the device once per (chunk, seg) and
-        call (the backward reuses the forward's); every value is at most T, so int32 holds it.
+        3b .. 3b + 5. An empty sequence has no chunk and no segment (its two rows agree).
+
+        The segment -> sequence map: the S = ``table[N, 2]`` int32 right before the table in its storage,
+        backwards. With ``p`` a pointer to ``table[0, 0]``, ``p[-1 - g]`` is the sequence that owns segment g
+        of the flat numbering, 0 <= g < S (``owners`` lists them in order). The per-segment kernels run on
+        a flat grid of exactly S * H programs: program (g, h) reads its sequence b there, and its segment
+        within b is g - ``table[b, 2]``; counted backwards from the table, the map needs neither N nor S to
+        be found. The storage holds 0 to 3 zeros (so that the table starts 16-byte aligned), the map, then
+        the table.
+
+        Built on the host from ``starts`` and ``lengths`` (no device sync) and copied to the device once
+        per (chunk, seg) and call (the backward reuses the forward's), map and table in one copy; every
+        value is at most T, so int32 holds it.
         """
         key = (chunk, seg)
         if key not in self._tables:
             chunks, segments = self._chunk_counts(chunk), self.segment_counts(chunk, seg)
             rows, first_chunk, first_segment = [], 0, 0
             for start, c, sc in zip(self.starts + (self.total,), chunks + [0], segments + [0], strict=True):
-                rows.append([start, first_chunk, first_segment])
+                rows.extend([start, first_chunk, first_segment])
                 first_chunk += c
                 first_segment += sc
-            self._tables[key] = torch.tensor(rows, dtype=torch.int32).to(self.cu.device)
+            owners = self.owners(chunk, seg)
+            lead = -len(owners) % 4  # zeros before the map: the table starts 16-byte aligned
+            flat = torch.tensor([0] * lead + owners[::-1] + rows, dtype=torch.int32).to(self.cu.device)
+            self._tables[key] = flat[lead + len(owners) :].view(self.count + 1, 3)
         return self._tables[key]
+
+    def owners(self, chunk: int, seg: int) -> list[int]:
+        """For each segment of ``seg`` chunks in the flat numbering, in order, the sequence it belongs to
+        (the map that precedes ``table``; its length is ``segments(chunk, seg)``)."""
+        return [i for i, sc in enumerate(self.segment_counts(chunk, seg)) for _ in range(sc)]
 
     def row_ends(self, device: torch.device) -> torch.Tensor:
         """For each row of the packed batch, the end of its sequence (one past its last row): int64 (T,)."""
