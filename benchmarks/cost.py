@@ -903,6 +903,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.packed is not None:
         if not args.packed or min(args.packed) < 0 or max(args.packed) == 0:
             p.error("--packed needs non-negative lengths, at least one of them positive")
+        if args.no_count:
+            p.error(
+                "--packed counts traffic under the interpreter (and compiles nothing): --no-count leaves it nothing to do"
+            )
         dtype = torch.float16 if args.dtype == "bf16" else DTYPES[args.dtype]  # the interpreter's bf16 is partial
         print(f"\n== {args.spec}, form={args.form}, packed lengths {args.packed}, H={args.H} D={args.D} ({dtype})")
         report["packed"] = packed_overhead(args.spec, args.packed, args.H, args.D, dtype, args.chunk, args.form)

@@ -6,6 +6,7 @@ The sm_90a compile figures are checked in tests/test_compile.py, which compiles 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -146,3 +147,14 @@ def test_torch_ops_outside_kernels_are_estimated_and_views_are_free():
         ("torch add_", 80, 40),
         ("torch zero_", 0, 40),
     ]
+
+
+def test_packed_refuses_flags_it_would_ignore(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cost.main(["lion_s", "--packed", "5,3", "--no-count", "--out", str(tmp_path)])
+    assert "--no-count" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_ptxas_release_names_a_version():
+    assert re.fullmatch(r"\d+\.\d+", cost.ptxas_release())  # Triton's bundled ptxas for sm_90
