@@ -235,13 +235,16 @@ PACKED += [("lion_s", "chunk", kind) for kind in KINDS] + [("lion_d", "chunk", "
 
 @pytest.mark.parametrize(("name", "form", "kind"), PACKED)
 def test_packed_batch_equals_separate_calls(name, form, kind, device):
+    packed_vs_alone(*packed_layer_and_input(name, form, kind, device), offsets(LENGTHS, device))
+
+
+def packed_layer_and_input(name: str, form: str, kind: str, device: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A seeded layer (one block in the interpreted chunk form: it is slow) and a packed input of LENGTHS."""
     torch.manual_seed(0)
-    model = layer(kind, name, form, device, depth=1 if form == "chunk" else 2)  # the interpreter is slow
+    model = layer(kind, name, form, device, depth=1 if form == "chunk" else 2)
     if kind == "encoder":
-        x = torch.randint(0, 50, (1, sum(LENGTHS)), device=device)
-    else:
-        x = torch.randn(1, sum(LENGTHS), 32, device=device)
-    packed_vs_alone(model, x, offsets(LENGTHS, device))
+        return model, torch.randint(0, 50, (1, sum(LENGTHS)), device=device)
+    return model, torch.randn(1, sum(LENGTHS), 32, device=device)
 
 
 @pytest.mark.parametrize(
@@ -251,12 +254,7 @@ def test_packed_batch_equals_separate_calls(name, form, kind, device):
 )
 def test_packed_batch_with_padding_mask(name, form, kind, device):
     """cu_seqlens and a key padding mask together: each sequence as if alone with its own mask."""
-    torch.manual_seed(0)
-    model = layer(kind, name, form, device, depth=1 if form == "chunk" else 2)  # the interpreter is slow
-    if kind == "encoder":
-        x = torch.randint(0, 50, (1, sum(LENGTHS)), device=device)
-    else:
-        x = torch.randn(1, sum(LENGTHS), 32, device=device)
+    model, x = packed_layer_and_input(name, form, kind, device)
     packed_vs_alone(model, x, offsets(LENGTHS, device), packed_mask(device))
 
 
