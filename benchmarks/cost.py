@@ -905,7 +905,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--packed needs non-negative lengths, at least one of them positive")
         if args.no_count:
             p.error(
-                "--packed counts traffic under the interpreter (and compiles nothing): --no-count leaves it nothing to do"
+                "--packed counts traffic under the interpreter (and compiles nothing): "
+                "--no-count leaves it nothing to do"
             )
         dtype = torch.float16 if args.dtype == "bf16" else DTYPES[args.dtype]  # the interpreter's bf16 is partial
         print(f"\n== {args.spec}, form={args.form}, packed lengths {args.packed}, H={args.H} D={args.D} ({dtype})")
